@@ -1,0 +1,91 @@
+"""phalanx: run many instances of one prompt-defined agent in parallel, one per data partition;
+wait at a barrier, verify what each wrote, commit it atomically, and record every failure.
+
+The public API is what this module exports; everything in underscore modules is internal.
+"""
+
+from ._api import fan_out, run_pipeline
+from ._blueprint import Blueprint, load_blueprint
+from ._config import Backoff, ExpectSpec
+from ._errors import (
+    BlueprintError,
+    ConfinementError,
+    CycleError,
+    InstanceError,
+    OutputConflictError,
+    OutputInvalidError,
+    PartitionError,
+    PartitionKeyError,
+    PhalanxError,
+    PipelineError,
+    RunnerError,
+    RunnerTimeout,
+    UnknownPluginError,
+    UsageError,
+)
+from ._events import (
+    AttemptEnded,
+    AttemptStarted,
+    Event,
+    EventHandler,
+    InstanceEnded,
+    RunEnded,
+    RunStarted,
+    StageEnded,
+    StageStarted,
+)
+from ._partitions import Partition, PartitionSource, load_partitions
+from ._pipeline import InstancePlan, Pipeline, Plan, StagePlan, load_pipeline, plan_pipeline
+from ._results import AttemptRecord, InstanceResult, RunResult, StageResult
+from ._scheduler import RunHandle, run_plan
+from .runners import InputRef, InstanceContext, Runner
+
+__all__ = [
+    "AttemptEnded",
+    "AttemptRecord",
+    "AttemptStarted",
+    "Backoff",
+    "Blueprint",
+    "BlueprintError",
+    "ConfinementError",
+    "CycleError",
+    "Event",
+    "EventHandler",
+    "ExpectSpec",
+    "InputRef",
+    "InstanceContext",
+    "InstanceEnded",
+    "InstanceError",
+    "InstancePlan",
+    "InstanceResult",
+    "OutputConflictError",
+    "OutputInvalidError",
+    "Partition",
+    "PartitionError",
+    "PartitionKeyError",
+    "PartitionSource",
+    "PhalanxError",
+    "Pipeline",
+    "PipelineError",
+    "Plan",
+    "RunEnded",
+    "RunHandle",
+    "RunResult",
+    "RunStarted",
+    "Runner",
+    "RunnerError",
+    "RunnerTimeout",
+    "StageEnded",
+    "StagePlan",
+    "StageResult",
+    "StageStarted",
+    "UnknownPluginError",
+    "UsageError",
+    "fan_out",
+    "load_blueprint",
+    "load_partitions",
+    "load_pipeline",
+    "plan_pipeline",
+    "run_pipeline",
+    "run_plan",
+]

@@ -1,0 +1,252 @@
+"""The pipeline file's schema: pydantic models for what a user writes in ``pipeline.yaml``.
+
+These models check shapes and types only. Cross-references (``needs`` naming a stage, a
+blueprint file existing, output paths not colliding) are checked when the pipeline is planned
+(:mod:`phalanx._pipeline`), where the project directory and the partitions are known.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from ._partitions import PartitionSource
+
+__all__ = [
+    "Backoff",
+    "CommandRunnerConfig",
+    "Defaults",
+    "ExpectSpec",
+    "GroupBy",
+    "PipelineConfig",
+    "PythonRunnerConfig",
+    "RunnerConfig",
+    "StageConfig",
+    "parse_duration",
+]
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``"500ms"``, ``"30s"``, ``"15m"``, ``"1.5h"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 15m or 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 30s, 15m or 1h, not {value!r}")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PythonRunnerConfig(_Model):
+    """``runner: {type: python, function: "module:function"}``: a callable in the project."""
+
+    type: Literal["python"] = "python"
+    function: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+
+
+class CommandRunnerConfig(_Model):
+    """``runner: {type: command, argv: [...]}``: any program, never through a shell."""
+
+    type: Literal["command"] = "command"
+    argv: list[str] = Field(min_length=1)
+    prompt: Literal["stdin", "file", "none"] = "stdin"
+    env: dict[str, str] = Field(default_factory=dict)
+    kill_grace: Duration = 2.0
+
+
+RunnerConfig = Annotated[
+    PythonRunnerConfig | CommandRunnerConfig, Field(discriminator="type")
+]
+
+
+class Backoff(_Model):
+    """Retry delays: full jitter, ``uniform(0, min(max, base * 2**(attempt-1)))``."""
+
+    base: Duration = 1.0
+    max: Duration = 60.0
+
+
+class ExpectSpec(_Model):
+    """What one expected output file must satisfy beyond existing and being non-empty."""
+
+    schema_: str | None = Field(default=None, alias="schema")
+    description: str = ""
+
+
+def _fraction_or_count(value: float) -> float:
+    if value < 0:
+        raise ValueError("min_success must be a count (>= 1) or a fraction between 0 and 1")
+    if value > 1 and not float(value).is_integer():
+        raise ValueError("a min_success above 1 is a count of instances and must be whole")
+    return value
+
+
+class Defaults(_Model):
+    """Settings every stage inherits unless it sets its own."""
+
+    runner: dict[str, Any] | None = None
+    prompt: Literal["inline", "reference"] = "inline"
+    concurrency: int = Field(default=16, ge=1)
+    retries: int = Field(default=2, ge=0)
+    timeout: Duration = 600.0
+    on_failure: Literal["continue", "abort"] = "continue"
+    min_success: Annotated[float, Field(ge=0)] = 1.0
+    backoff: Backoff = Backoff()
+
+    @field_validator("runner", mode="before")
+    @classmethod
+    def _runner_shorthand(cls, value: object) -> object:
+        return {"type": value} if isinstance(value, str) else value
+
+    _check_min_success = field_validator("min_success")(_fraction_or_count)
+
+
+class GroupBy(_Model):
+    """``group_by: {stage: functions, field: FEATURE_ID}``; a bare field name when the stage
+    needs exactly one upstream stage."""
+
+    stage: str | None = None
+    field: str
+
+
+class StageConfig(_Model):
+    """One stage. Exactly one of ``partitions`` / ``group_by`` / ``single`` says its kind; a
+    stage with none of them and one upstream stage follows that stage's partitions key by key."""
+
+    name: str
+    blueprint: str | None = None
+    prompt: Literal["inline", "reference"] | None = None
+    partitions: PartitionSource | None = None
+    group_by: GroupBy | None = None
+    single: bool = False
+    needs: list[str] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+    output: str
+    expect: dict[str, ExpectSpec] = Field(default_factory=dict)
+    check: list[str] | None = Field(default=None, min_length=1)
+    reads: list[str] = Field(default_factory=list)
+    runner: dict[str, Any] | None = None
+    concurrency: int | None = Field(default=None, ge=1)
+    retries: int | None = Field(default=None, ge=0)
+    timeout: Duration | None = None
+    on_failure: Literal["continue", "abort"] | None = None
+    min_success: Annotated[float, Field(ge=0)] | None = None
+    backoff: Backoff | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _STAGE_NAME.match(value):
+            raise ValueError(
+                "a stage name is 1-64 letters, digits, '_', '-' or '.', starting with a "
+                "letter or digit (it names folders and log files)"
+            )
+        return value
+
+    @field_validator("partitions", mode="before")
+    @classmethod
+    def _inline_list(cls, value: object) -> object:
+        return {"items": value} if isinstance(value, list) else value
+
+    @field_validator("group_by", mode="before")
+    @classmethod
+    def _group_shorthand(cls, value: object) -> object:
+        return {"field": value} if isinstance(value, str) else value
+
+    @field_validator("expect", mode="before")
+    @classmethod
+    def _expect_list(cls, value: object) -> object:
+        if isinstance(value, list):
+            return {str(name): {} for name in value}
+        if isinstance(value, dict):
+            return {name: ({} if spec is None else spec) for name, spec in value.items()}
+        return value
+
+    @field_validator("runner", mode="before")
+    @classmethod
+    def _runner_shorthand(cls, value: object) -> object:
+        return {"type": value} if isinstance(value, str) else value
+
+    _check_min_success = field_validator("min_success")(
+        lambda value: None if value is None else _fraction_or_count(value)
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StageConfig:
+        kinds = [
+            name
+            for name, present in (
+                ("partitions", self.partitions is not None),
+                ("group_by", self.group_by is not None),
+                ("single", self.single),
+            )
+            if present
+        ]
+        if len(kinds) > 1:
+            raise ValueError(
+                f"a stage is one kind: {' and '.join(kinds)} cannot both be set "
+                "(partitions: one instance per partition; group_by: one per group of an "
+                "upstream stage; single: one instance)"
+            )
+        if not kinds and len(self.needs) != 1:
+            raise ValueError(
+                "say what this stage fans out over: partitions (a map), group_by (fan-in over "
+                "an upstream stage), single: true, or exactly one stage in needs to follow its "
+                "partitions key by key"
+            )
+        return self
+
+    @property
+    def kind(self) -> Literal["map", "group", "single", "follow"]:
+        if self.partitions is not None:
+            return "map"
+        if self.group_by is not None:
+            return "group"
+        if self.single:
+            return "single"
+        return "follow"
+
+
+class PipelineConfig(_Model):
+    """A whole ``pipeline.yaml``."""
+
+    name: str
+    description: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
+    defaults: Defaults = Defaults()
+    concurrency: int = Field(default=256, ge=1)
+    notes: str = "wip/notes.md"
+    summaries: str = "wip/stages"
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("params")
+    @classmethod
+    def _scalar_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, item in value.items():
+            if isinstance(item, dict | list):
+                raise ValueError(f"pipeline parameter {name!r} must be a string or number")
+        return value

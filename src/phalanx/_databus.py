@@ -1,0 +1,225 @@
+"""The data bus: staging folders, validation of what an attempt wrote, and atomic commit.
+
+Every attempt writes into a private staging folder under the project's ``.phalanx/staging/``
+(same filesystem as the outputs, so a rename is atomic). When the runner returns, the folder is
+validated; only then is it renamed onto the instance's output folder. A reader of the data bus
+therefore sees an instance's output complete and validated, or not at all.
+
+Replacing an existing output takes two renames (old folder aside into ``.phalanx/trash/``, new
+folder in): between them the output is absent, never half-written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import posixpath
+import shutil
+import stat
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from ._config import ExpectSpec
+from ._errors import ConfinementError, OutputInvalidError, PipelineError
+from ._templates import TemplateKeyError, render_config
+
+__all__ = ["DataBus", "OutputRules", "load_schema"]
+
+_MAX_PROBLEMS = 8
+
+
+def load_schema(path: Path, *, display: str) -> jsonschema.protocols.Validator:
+    """A validator for the JSON Schema at ``path``; a broken schema is a usage error."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+    except (OSError, ValueError, jsonschema.SchemaError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise PipelineError(f"{display}: not a valid JSON Schema: {message}") from exc
+    validator: jsonschema.protocols.Validator = cls(schema)
+    return validator
+
+
+class OutputRules:
+    """What one stage's outputs must satisfy: expected files (non-empty, JSON parses, schema),
+    an optional check command. Built once per stage, applied to every attempt."""
+
+    def __init__(
+        self,
+        expect: Mapping[str, ExpectSpec],
+        schemas: Mapping[str, jsonschema.protocols.Validator],
+        check: list[str] | None,
+        check_timeout: float,
+    ) -> None:
+        self.expect = expect
+        self.schemas = schemas
+        self.check = check
+        self.check_timeout = check_timeout
+
+    def validate(self, staging: Path, values: Mapping[str, object]) -> None:
+        """Raise :class:`OutputInvalidError` or :class:`ConfinementError` unless the staging
+        folder holds a complete, valid output."""
+        files = _scan(staging)
+        problems: list[str] = []
+        if not self.expect and not files:
+            problems.append("the agent wrote no file (the stage expects at least one)")
+        checked: set[str] = set()
+        for template in self.expect:
+            name = _expected_name(template, values)
+            checked.add(name)
+            size = files.get(name)
+            if size is None:
+                problems.append(f"{name}: missing")
+            elif size == 0:
+                problems.append(f"{name}: empty")
+            elif (validator := self.schemas.get(template)) is not None:
+                problems.extend(_schema_problems(staging / name, name, validator))
+            elif name.endswith(".json"):
+                problems.extend(_load_json(staging / name, name)[1])
+        for name in sorted(files):
+            if name.endswith(".json") and name not in checked:
+                problems.extend(_load_json(staging / name, name)[1])
+        if problems:
+            shown = problems[:_MAX_PROBLEMS]
+            more = len(problems) - len(shown)
+            text = "; ".join(shown) + (f"; and {more} more" if more else "")
+            raise OutputInvalidError(f"invalid output: {text}")
+        if self.check:
+            self._run_check(staging, values)
+
+    def _run_check(self, staging: Path, values: Mapping[str, object]) -> None:
+        assert self.check is not None  # noqa: S101 - caller checked
+        try:
+            argv = [
+                render_config(arg, {**values, "OUTPUT_DIR": staging}) for arg in self.check
+            ]
+        except TemplateKeyError as exc:
+            raise OutputInvalidError(f"check command refers to unknown {{{exc.name}}}") from None
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=staging,
+                capture_output=True,
+                timeout=self.check_timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise OutputInvalidError(
+                f"check command {argv[0]!r} ran past {self.check_timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise OutputInvalidError(f"check command {argv[0]!r} cannot start: {exc}") from exc
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
+            last = "\n".join(said.splitlines()[-10:])
+            raise OutputInvalidError(
+                f"check command {Path(argv[0]).name} exited with code {done.returncode}",
+                detail=last,
+            )
+
+
+def _expected_name(template: str, values: Mapping[str, object]) -> str:
+    name = render_config(template, values) if "{" in template else template
+    return posixpath.normpath(name.replace("\\", "/"))
+
+
+def _scan(staging: Path) -> dict[str, int]:
+    """Relative path -> size for every regular file; refuses symlinks and special files."""
+    files: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(staging):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            info = path.lstat()
+            rel = path.relative_to(staging).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                raise ConfinementError(
+                    f"output {rel} is a symlink; outputs must be plain files and folders"
+                )
+            if stat.S_ISREG(info.st_mode):
+                files[rel] = info.st_size
+            elif not stat.S_ISDIR(info.st_mode):
+                raise ConfinementError(f"output {rel} is not a regular file")
+    return files
+
+
+def _load_json(path: Path, name: str) -> tuple[Any, list[str]]:
+    try:
+        return json.loads(path.read_bytes()), []
+    except UnicodeDecodeError:
+        return None, [f"{name}: not UTF-8 text"]
+    except json.JSONDecodeError as exc:
+        return None, [f"{name}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"]
+
+
+def _schema_problems(
+    path: Path, name: str, validator: jsonschema.protocols.Validator
+) -> list[str]:
+    document, problems = _load_json(path, name)
+    if problems:
+        return problems
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    return [f"{name}: {error.json_path}: {error.message}" for error in errors[:3]]
+
+
+class DataBus:
+    """Staging folders and commits for one run of one project."""
+
+    def __init__(self, project_dir: Path, state_dir: Path, run_id: str) -> None:
+        self.project_dir = project_dir
+        self.staging_root = state_dir / "staging" / run_id
+        self.trash_root = state_dir / "trash" / run_id
+        self._made: set[Path] = set()
+
+    def staging_dir(self, stage: str, key: str, attempt: int) -> Path:
+        """Create and return a fresh, empty staging folder for one attempt."""
+        parent = self.staging_root / stage
+        if parent not in self._made:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(parent)
+        path = parent / f"{key}.{attempt}"
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir()
+        return path
+
+    def commit(self, staging: Path, final: Path, *, stage: str, key: str) -> None:
+        """Move a validated staging folder onto ``final`` (replacing an older output)."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if os.path.lexists(final):
+            old = self.trash_root / stage / key
+            old.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(old):
+                shutil.rmtree(old)
+            os.rename(final, old)
+        try:
+            os.rename(staging, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # Another filesystem: copy beside the target, then rename there (still atomic).
+            beside = final.with_name(f".{final.name}.phalanx-partial")
+            if beside.exists():
+                shutil.rmtree(beside)
+            shutil.copytree(staging, beside, symlinks=True)
+            os.rename(beside, final)
+            shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def discard(staging: Path) -> None:
+        """Remove an attempt's staging folder, if it is still there."""
+        if os.path.lexists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove this run's (now empty) staging and trash folders."""
+        for root in (self.staging_root, self.trash_root):
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""The human-readable record: the failure journal (``wip/notes.md``) and stage summaries.
+
+The journal is append-only and shared by every run of the project; each entry names its run.
+A stage summary is rewritten when its stage ends: the counts (which always add up to the
+stage's total), each failed or skipped partition with its cause, the slowest instances, and the
+effective speedup (serial time over wall time).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from ._results import InstanceResult, StageResult
+
+__all__ = ["Notes"]
+
+_HEADER = (
+    "# phalanx notes\n\n"
+    "Failed attempts, newest last. Written by phalanx; safe to edit or delete.\n"
+)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _fence(text: str) -> str:
+    longest = max((len(run) for run in text.split("\n") if set(run) == {"`"}), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text.rstrip()}\n{fence}\n"
+
+
+class Notes:
+    """Writes the journal and the summaries of one run."""
+
+    def __init__(self, journal: Path, summaries_dir: Path, *, run_id: str, pipeline: str) -> None:
+        self.journal = journal
+        self.summaries_dir = summaries_dir
+        self.run_id = run_id
+        self.pipeline = pipeline
+        self.written = False
+
+    def failure(
+        self,
+        *,
+        stage: str,
+        key: str,
+        attempt: int,
+        attempts: int,
+        cause: str,
+        message: str,
+        detail: str,
+        action: str,
+    ) -> None:
+        """Append one failed attempt to the journal."""
+        entry = (
+            f"\n## {_now()} · {stage} · {key} · attempt {attempt}/{attempts}\n\n"
+            f"- run: `{self.run_id}`\n"
+            f"- cause: {cause}\n"
+            f"- message: {message}\n"
+            f"- action: {action}\n"
+        )
+        if detail.strip():
+            entry += "\n" + _fence(detail)
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.journal.exists()
+        with self.journal.open("a", encoding="utf-8") as handle:
+            if fresh:
+                handle.write(_HEADER)
+            handle.write(entry)
+        self.written = True
+
+    def summary(self, result: StageResult) -> Path:
+        """Write the stage's summary; returns its path."""
+        self.summaries_dir.mkdir(parents=True, exist_ok=True)
+        path = self.summaries_dir / f"{result.name}.md"
+        path.write_text(render_summary(result, run_id=self.run_id), encoding="utf-8")
+        return path
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+
+
+def _row(inst: InstanceResult) -> str:
+    why = inst.cause if inst.status == "failed" else inst.reason
+    message = inst.message.replace("|", "\\|").replace("\n", " ")
+    return f"| `{inst.key}` | {inst.status} | {why or ''} | {len(inst.attempts)} | {message} |"
+
+
+def render_summary(result: StageResult, *, run_id: str) -> str:
+    """The Markdown summary of one stage."""
+    verdict = "met" if result.met_threshold else "MISSED"
+    lines = [
+        f"# Stage `{result.name}`",
+        "",
+        f"Run `{run_id}`, finished {_now()}.",
+        "",
+        "| total | committed | failed | skipped | required | threshold |",
+        "| ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| {result.total} | {result.committed} | {result.failed} | {result.skipped} "
+        f"| {result.required} | {verdict} |",
+        "",
+    ]
+    if result.skipped_reason:
+        lines += [f"The stage did not run: {result.skipped_reason}.", ""]
+    trouble = [inst for inst in result.instances if inst.status != "committed"]
+    if trouble:
+        lines += [
+            "## Failed and skipped partitions",
+            "",
+            "| partition | status | cause | attempts | message |",
+            "| --- | --- | --- | ---: | --- |",
+            *(_row(inst) for inst in trouble),
+            "",
+        ]
+    slowest = result.slowest(5)
+    if slowest:
+        lines += [
+            "## Slowest instances",
+            "",
+            "| partition | time | share of wall time |",
+            "| --- | ---: | ---: |",
+        ]
+        for inst in slowest:
+            share = inst.duration_s / result.wall_s if result.wall_s else 0.0
+            lines.append(f"| `{inst.key}` | {_seconds(inst.duration_s)} | {share:.0%} |")
+        lines.append("")
+    lines += [
+        "## Efficiency",
+        "",
+        f"- wall time: {_seconds(result.wall_s)}",
+        f"- sum of instance times (serial): {_seconds(result.sum_instance_s)}",
+        f"- effective speedup: {result.speedup:.1f}x",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""What a run returns: per instance, per stage and for the whole run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["AttemptRecord", "InstanceResult", "RunResult", "StageResult", "Status"]
+
+Status = Literal["committed", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One attempt: when it ran, how long, and how it ended (``None`` cause = committed)."""
+
+    attempt: int
+    started: float
+    duration_s: float
+    cause: str | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """How one instance ended: ``committed``, ``failed`` (with ``cause``) or ``skipped`` (with
+    ``reason``: ``budget``, ``cancelled``, ``aborted``, ``upstream failed``...)."""
+
+    stage: str
+    key: str
+    status: Status
+    output: Path
+    attempts: tuple[AttemptRecord, ...] = ()
+    cause: str | None = None
+    message: str = ""
+    reason: str | None = None
+
+    @property
+    def duration_s(self) -> float:
+        """Time spent running attempts (not waiting for a slot or a retry)."""
+        return sum(a.duration_s for a in self.attempts)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "status": self.status,
+            "output": str(self.output),
+            "attempts": len(self.attempts),
+            "duration_s": round(self.duration_s, 6),
+            "cause": self.cause,
+            "message": self.message,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage after its barrier. ``committed + failed + skipped == total`` always."""
+
+    name: str
+    instances: tuple[InstanceResult, ...]
+    required: int
+    wall_s: float
+    skipped_reason: str | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.instances)
+
+    def count(self, status: Status) -> int:
+        return sum(1 for inst in self.instances if inst.status == status)
+
+    @property
+    def committed(self) -> int:
+        return self.count("committed")
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    @property
+    def skipped(self) -> int:
+        return self.count("skipped")
+
+    @property
+    def met_threshold(self) -> bool:
+        """Whether enough instances committed (``min_success``) for dependants to run."""
+        return self.skipped_reason is None and self.committed >= self.required
+
+    @property
+    def sum_instance_s(self) -> float:
+        """Serial time: the sum of every attempt's duration."""
+        return sum(inst.duration_s for inst in self.instances)
+
+    @property
+    def speedup(self) -> float:
+        """Effective speedup: serial time over wall time."""
+        return self.sum_instance_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def slowest(self, n: int = 5) -> list[InstanceResult]:
+        ran = [inst for inst in self.instances if inst.attempts]
+        return sorted(ran, key=lambda inst: inst.duration_s, reverse=True)[:n]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "total": self.total,
+            "committed": self.committed,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "required": self.required,
+            "met_threshold": self.met_threshold,
+            "wall_s": round(self.wall_s, 6),
+            "sum_instance_s": round(self.sum_instance_s, 6),
+            "skipped_reason": self.skipped_reason,
+            "failures": [inst.to_json() for inst in self.instances if inst.status == "failed"],
+        }
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A whole run. ``ok`` is true when every stage met its threshold and nothing was cancelled."""
+
+    run_id: str
+    pipeline: str
+    stages: tuple[StageResult, ...]
+    wall_s: float
+    cancelled: bool = False
+    notes: Path | None = None
+    summaries: tuple[Path, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.cancelled and all(stage.met_threshold for stage in self.stages)
+
+    def stage(self, name: str) -> StageResult:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "pipeline": self.pipeline,
+            "ok": self.ok,
+            "cancelled": self.cancelled,
+            "wall_s": round(self.wall_s, 6),
+            "notes": str(self.notes) if self.notes else None,
+            "stages": [stage.to_json() for stage in self.stages],
+        }

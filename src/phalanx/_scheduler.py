@@ -1,0 +1,480 @@
+"""The scheduler: runs a planned pipeline.
+
+Stages start when the stages they need have passed their barrier, so independent stages run
+side by side under one global cap. Inside a stage every instance is launched at once as one
+task, in priority order; a per-stage and the global semaphore admit them (a slot refills the
+moment an instance ends). Each attempt runs under the stage's timeout, is validated, and is
+committed by an atomic rename. A failure is caught at the instance boundary: it becomes an
+outcome, is written to the notes, and is retried after a backoff with full jitter. Only a bug
+in phalanx itself cancels siblings.
+
+Stopping (Ctrl-C, SIGTERM, :meth:`RunHandle.stop`) cancels in-flight attempts — their staging
+folders are removed, a ``command`` agent's process group is killed — and marks everything not
+committed as skipped (cancelled). Committed outputs stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import random
+import secrets
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._config import Backoff
+from ._databus import DataBus, OutputRules, load_schema
+from ._errors import InstanceError, RunnerError, RunnerTimeout
+from ._events import (
+    AttemptEnded,
+    AttemptStarted,
+    Event,
+    EventHandler,
+    InstanceEnded,
+    RunEnded,
+    RunStarted,
+    StageEnded,
+    StageStarted,
+)
+from ._notes import Notes
+from ._pipeline import STATE_DIR, InstancePlan, Plan, StagePlan
+from ._results import AttemptRecord, InstanceResult, RunResult, StageResult
+from .runners import InputRef, InstanceContext, Runner, create_runner
+
+__all__ = ["RunHandle", "backoff_delay", "check_runners", "new_run_id", "run_plan"]
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus a random suffix."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def backoff_delay(policy: Backoff, attempt: int, rng: random.Random) -> float:
+    """Full jitter: a uniform draw in ``[0, min(max, base * 2**(attempt - 1))]``."""
+    ceiling = min(policy.max, policy.base * 2 ** (attempt - 1))
+    return rng.uniform(0.0, ceiling)
+
+
+def check_runners(plan: Plan) -> None:
+    """Build every stage's runner and output rules as a run would, so that an unimportable
+    function or a broken JSON Schema is reported before anything runs."""
+    for stage in plan.stages:
+        _stage_tools(plan, stage, None)
+
+
+def _stage_tools(
+    plan: Plan, stage: StagePlan, given: Runner | None
+) -> tuple[Runner, OutputRules]:
+    runner = given
+    if runner is None:
+        where = plan.pipeline.where("stages", plan.index(stage.name), "runner")
+        runner = create_runner(stage.runner, project_dir=plan.project_dir, where=where)
+    schemas = {
+        name: load_schema(path, display=str(path.relative_to(plan.project_dir)))
+        for name, path in stage.schemas.items()
+    }
+    return runner, OutputRules(stage.expect, schemas, stage.config.check, stage.timeout)
+
+
+class RunHandle:
+    """Lets a caller stop a run in progress (the CLI wires Ctrl-C and SIGTERM to it)."""
+
+    def __init__(self) -> None:
+        self._run: _Run | None = None
+        self.stop_reason: str | None = None
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Stop admitting, cancel in-flight attempts; safe to call more than once."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._run is not None:
+            self._run.stop()
+
+
+@dataclass(eq=False)
+class _StageState:
+    plan: StagePlan
+    runner: Runner
+    rules: OutputRules
+    limit: int
+    slots: asyncio.Semaphore
+    outcomes: dict[str, InstanceResult] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    abort_reason: str | None = None
+
+
+async def run_plan(
+    plan: Plan,
+    *,
+    run_id: str | None = None,
+    concurrency: int | None = None,
+    on_event: EventHandler | None = None,
+    handle: RunHandle | None = None,
+    rng: random.Random | None = None,
+    runners: Mapping[str, Runner] | None = None,
+) -> RunResult:
+    """Run the selected stages of ``plan``; see the module docstring.
+
+    ``concurrency`` overrides every stage's own limit (and lifts the global cap to at least
+    it). ``runners`` supplies ready runner objects by stage name instead of building them from
+    the stage's settings. Returns when every selected stage has passed its barrier or been
+    skipped.
+    """
+    run = _Run(
+        plan,
+        run_id=run_id or new_run_id(),
+        concurrency=concurrency,
+        on_event=on_event,
+        rng=rng or random.Random(),  # noqa: S311 - jitter, not secrets
+        runners=runners or {},
+    )
+    if handle is not None:
+        handle._run = run
+        if handle.stop_reason is not None:
+            run.stop()
+    try:
+        return await run.execute()
+    finally:
+        if handle is not None:
+            handle._run = None
+
+
+class _Run:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        run_id: str,
+        concurrency: int | None,
+        on_event: EventHandler | None,
+        rng: random.Random,
+        runners: Mapping[str, Runner],
+    ) -> None:
+        self.plan = plan
+        self.given_runners = runners
+        self.run_id = run_id
+        self.on_event = on_event
+        self.rng = rng
+        self.override = concurrency
+        config = plan.pipeline.config
+        root = plan.project_dir
+        self.state_dir = root / STATE_DIR
+        self.bus = DataBus(root, self.state_dir, run_id)
+        self.notes = Notes(
+            root / config.notes,
+            root / config.summaries,
+            run_id=run_id,
+            pipeline=config.name,
+        )
+        cap = max(config.concurrency, concurrency or 0)
+        self.global_slots = asyncio.Semaphore(cap)
+        self.stopping = False
+        self.results: dict[str, StageResult] = {}
+        self.finished: dict[str, asyncio.Event] = {}
+        self.active: set[_StageState] = set()
+        self.summaries: list[Path] = []
+        self.committed: dict[str, set[str]] = {}
+        self.logs = self.state_dir / "runs" / run_id / "logs"
+
+    def emit(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for state in list(self.active):
+            for task in list(state.tasks):
+                task.cancel()
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def _prepare(self, stage: StagePlan) -> _StageState:
+        """Everything that can fail on bad input is done before the first instance starts."""
+        runner, rules = _stage_tools(self.plan, stage, self.given_runners.get(stage.name))
+        limit = self.override or stage.concurrency
+        return _StageState(stage, runner, rules, limit, asyncio.Semaphore(limit))
+
+    async def execute(self) -> RunResult:
+        selected = [s for s in self.plan.stages if s.name in self.plan.selected]
+        states = {stage.name: self._prepare(stage) for stage in selected}
+        self.finished = {stage.name: asyncio.Event() for stage in selected}
+        started = time.monotonic()
+        self.emit(RunStarted(self.run_id, self.plan.pipeline.config.name, tuple(states)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name, state in states.items():
+                    group.create_task(self._stage(state), name=f"stage:{name}")
+        finally:
+            await asyncio.to_thread(self.bus.close)
+            for state in states.values():
+                await state.runner.aclose()
+        result = RunResult(
+            run_id=self.run_id,
+            pipeline=self.plan.pipeline.config.name,
+            stages=tuple(self.results[name] for name in states),
+            wall_s=time.monotonic() - started,
+            cancelled=self.stopping,
+            notes=self.notes.journal if self.notes.written else None,
+            summaries=tuple(self.summaries),
+        )
+        await asyncio.to_thread(self._record, result)
+        self.emit(RunEnded(self.run_id, result.ok, result.cancelled))
+        return result
+
+    def _record(self, result: RunResult) -> None:
+        folder = self.state_dir / "runs" / self.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text(
+            json.dumps(result.to_json(), indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+
+    async def _stage(self, state: _StageState) -> None:
+        stage = state.plan
+        try:
+            blocked = await self._wait_for_needs(stage)
+            if blocked is not None:
+                result = self._skipped_stage(stage, blocked)
+            else:
+                result = await self._run_stage(state)
+            self.results[stage.name] = result
+            self.summaries.append(await asyncio.to_thread(self.notes.summary, result))
+            self.emit(StageEnded(result))
+        finally:
+            self.finished[stage.name].set()
+
+    async def _wait_for_needs(self, stage: StagePlan) -> str | None:
+        for need in stage.needs:
+            if need in self.finished:
+                await self.finished[need].wait()
+                upstream = self.results[need]
+                if not upstream.met_threshold:
+                    return (
+                        f"upstream stage {need!r} missed its threshold "
+                        f"({upstream.committed}/{upstream.total} committed, "
+                        f"{upstream.required} required)"
+                    )
+        return "cancelled" if self.stopping else None
+
+    def _skipped_stage(self, stage: StagePlan, reason: str) -> StageResult:
+        short = "cancelled" if reason == "cancelled" else "upstream failed"
+        instances = tuple(
+            InstanceResult(stage.name, inst.key, "skipped", inst.output, reason=short)
+            for inst in stage.instances
+        )
+        return StageResult(stage.name, instances, stage.required, 0.0, skipped_reason=reason)
+
+    async def _run_stage(self, state: _StageState) -> StageResult:
+        stage = state.plan
+        self.emit(StageStarted(stage.name, len(stage.instances), state.limit))
+        started = time.monotonic()
+        order = sorted(stage.instances, key=lambda inst: (-inst.priority, inst.index))
+        self.active.add(state)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for inst in order:
+                    task = group.create_task(
+                        self._instance(state, inst), name=f"instance:{stage.name}/{inst.key}"
+                    )
+                    state.tasks.add(task)
+                    task.add_done_callback(state.tasks.discard)
+        finally:
+            self.active.discard(state)
+        reason = "cancelled" if self.stopping else (state.abort_reason or "cancelled")
+        instances = tuple(
+            state.outcomes.get(inst.key)
+            or self._ended(
+                InstanceResult(stage.name, inst.key, "skipped", inst.output, reason=reason)
+            )
+            for inst in stage.instances
+        )
+        return StageResult(stage.name, instances, stage.required, time.monotonic() - started)
+
+    def _ended(self, result: InstanceResult) -> InstanceResult:
+        if result.status == "committed":
+            self.committed.setdefault(result.stage, set()).add(result.key)
+        self.emit(InstanceEnded(result))
+        return result
+
+    def _available(self, inst: InstancePlan) -> tuple[tuple[InputRef, ...], tuple[str, ...]]:
+        """Split an instance's inputs into committed ones and missing ones. The outputs of a
+        stage that is not part of this run are read from disk as earlier runs left them."""
+        present: list[InputRef] = []
+        missing: list[str] = []
+        for ref in inst.inputs:
+            if ref.stage in self.finished:
+                ok = ref.key in self.committed.get(ref.stage, ())
+            else:
+                ok = ref.path.is_dir()
+            if ok:
+                present.append(ref)
+            else:
+                missing.append(f"{ref.stage}/{ref.key}")
+        return tuple(present), tuple(missing)
+
+    async def _instance(self, state: _StageState, inst: InstancePlan) -> None:
+        stage = state.plan
+        inputs, missing = self._available(inst)
+        if inst.inputs and not inputs:
+            state.outcomes[inst.key] = self._ended(
+                InstanceResult(
+                    stage.name,
+                    inst.key,
+                    "skipped",
+                    inst.output,
+                    reason="upstream failed",
+                    message=f"none of its inputs committed: {', '.join(missing[:5])}",
+                )
+            )
+            return
+        attempts: list[AttemptRecord] = []
+        total = stage.retries + 1
+        for attempt in range(1, total + 1):
+            async with state.slots, self.global_slots:
+                if self.stopping or state.abort_reason:
+                    return
+                error = await self._attempt(state, inst, attempt, inputs, missing, attempts)
+            if error is None:
+                return
+            last = attempt == total or self.stopping or state.abort_reason is not None
+            delay = None if last else backoff_delay(stage.backoff, attempt, self.rng)
+            self.notes.failure(
+                stage=stage.name,
+                key=inst.key,
+                attempt=attempt,
+                attempts=total,
+                cause=error.cause,
+                message=str(error),
+                detail=error.detail,
+                action="gave up" if delay is None else f"retrying in {delay:.1f}s",
+            )
+            self.emit(
+                AttemptEnded(
+                    stage.name,
+                    inst.key,
+                    attempt,
+                    attempts[-1].duration_s,
+                    error.cause,
+                    str(error),
+                    delay,
+                )
+            )
+            if delay is None:
+                state.outcomes[inst.key] = self._ended(
+                    InstanceResult(
+                        stage.name,
+                        inst.key,
+                        "failed",
+                        inst.output,
+                        tuple(attempts),
+                        cause=error.cause,
+                        message=str(error),
+                    )
+                )
+                if stage.on_failure == "abort" and state.abort_reason is None:
+                    self._abort(state, inst.key)
+                return
+            await asyncio.sleep(delay)
+
+    def _abort(self, state: _StageState, key: str) -> None:
+        state.abort_reason = f"aborted: {key!r} failed and the stage has on_failure: abort"
+        current = asyncio.current_task()
+        for task in list(state.tasks):
+            if task is not current:
+                task.cancel()
+
+    async def _attempt(
+        self,
+        state: _StageState,
+        inst: InstancePlan,
+        attempt: int,
+        inputs: tuple[InputRef, ...],
+        missing: tuple[str, ...],
+        attempts: list[AttemptRecord],
+    ) -> InstanceError | None:
+        """One attempt: run, validate, commit. Appends its record to ``attempts``; on success
+        records the instance as committed and returns ``None``, else returns the error."""
+        stage = state.plan
+        staging = self.bus.staging_dir(stage.name, inst.key, attempt)
+        ctx = InstanceContext(
+            run_id=self.run_id,
+            stage=stage.name,
+            key=inst.key,
+            attempt=attempt,
+            params=inst.values,
+            prompt=inst.prompt,
+            output_dir=staging,
+            final_dir=inst.output,
+            inputs=inputs,
+            missing=missing,
+            project_dir=self.plan.project_dir,
+            log_dir=self.logs / stage.name / inst.key / f"attempt-{attempt}",
+            blueprint=stage.blueprint.path if stage.blueprint else None,
+            timeout=stage.timeout,
+        )
+        self.emit(AttemptStarted(stage.name, inst.key, attempt))
+        wall = time.time()
+        started = time.monotonic()
+
+        def committed() -> None:
+            duration = time.monotonic() - started
+            attempts.append(AttemptRecord(attempt, wall, duration))
+            self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
+            state.outcomes[inst.key] = self._ended(
+                InstanceResult(stage.name, inst.key, "committed", inst.output, tuple(attempts))
+            )
+
+        error: InstanceError | None = None
+        try:
+            try:
+                async with asyncio.timeout(stage.timeout):
+                    await state.runner.run(ctx)
+            except TimeoutError:
+                raise RunnerTimeout(
+                    f"ran past the stage's timeout of {stage.timeout:g}s and was stopped"
+                ) from None
+            await _to_the_end(
+                asyncio.to_thread(self._validate_and_commit, state, inst, staging), committed
+            )
+        except InstanceError as exc:
+            error = exc
+        except Exception as exc:  # a runner's own bug must not take its siblings down
+            tail = "".join(traceback.format_exception(exc)[-3:])
+            error = RunnerError(f"{type(exc).__name__}: {exc}", detail=tail)
+        finally:
+            self.bus.discard(staging)
+        if error is not None:
+            duration = time.monotonic() - started
+            attempts.append(AttemptRecord(attempt, wall, duration, error.cause, str(error)))
+        return error
+
+    def _validate_and_commit(self, state: _StageState, inst: InstancePlan, staging: Path) -> None:
+        state.rules.validate(staging, inst.values)
+        self.bus.commit(staging, inst.output, stage=inst.stage, key=inst.key)
+
+
+async def _to_the_end(work: Awaitable[None], on_success: Callable[[], None]) -> None:
+    """Await ``work`` to its end even when cancelled meanwhile, call ``on_success`` if it
+    succeeded, then let any cancellation continue.
+
+    Validation and commit run in a thread that cannot be interrupted. Unwinding while the
+    thread still renames would race the removal of the staging folder, and an instance whose
+    rename went through must be counted committed, not cancelled.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                continue
+        if task.exception() is None:
+            on_success()
+        raise
+    on_success()

@@ -1,0 +1,205 @@
+"""The ``phalanx`` command.
+
+Exit codes: 0 every stage met its threshold; 1 some partitions failed (a stage missed its
+threshold) or the run was stopped; 2 bad input or configuration (nothing was run or written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ._errors import UsageError
+from ._pipeline import Plan, load_pipeline, plan_pipeline
+from ._results import RunResult
+from ._scheduler import RunHandle, check_runners, run_plan
+from ._scaffold import write_starter
+from .report.progress import Progress
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 130
+
+
+def _fail(error: UsageError) -> NoReturn:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _plan(pipeline: str, stages: tuple[str, ...], only: tuple[str, ...]) -> Plan:
+    try:
+        return plan_pipeline(
+            load_pipeline(pipeline), stages=stages or None, only=only or None
+        )
+    except UsageError as exc:
+        _fail(exc)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="phalanx")
+def cli() -> None:
+    """Run one prompt-defined agent in parallel over many partitions: barrier, verify,
+    commit, and record every failure."""
+
+
+_stage_option = click.option(
+    "--stage", "stages", multiple=True, metavar="NAME", help="Only this stage (repeatable)."
+)
+_only_option = click.option(
+    "--only", multiple=True, metavar="KEY", help="Only the instances with this key (repeatable)."
+)
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@_stage_option
+@_only_option
+@click.option("--concurrency", type=click.IntRange(min=1), help="Override every stage's limit.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
+def run(
+    pipeline: str,
+    stages: tuple[str, ...],
+    only: tuple[str, ...],
+    concurrency: int | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Run PIPELINE (a pipeline.yaml)."""
+    plan = _plan(pipeline, stages, only)
+    live = sys.stderr.isatty() and not quiet
+    progress = Progress(sys.stderr, live=live)
+    try:
+        with progress:
+            result = asyncio.run(_run(plan, concurrency, progress))
+    except UsageError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        _print_summary(result)
+    if result.cancelled:
+        sys.exit(EXIT_STOPPED)
+    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
+
+
+async def _run(plan: Plan, concurrency: int | None, progress: Progress) -> RunResult:
+    handle = RunHandle()
+    loop = asyncio.get_running_loop()
+    names = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "terminated (SIGTERM)"}
+    for sig, reason in names.items():
+        loop.add_signal_handler(sig, handle.stop, reason)
+    try:
+        return await run_plan(plan, concurrency=concurrency, on_event=progress, handle=handle)
+    finally:
+        for sig in names:
+            loop.remove_signal_handler(sig)
+
+
+def _print_summary(result: RunResult) -> None:
+    console = Console(highlight=False, soft_wrap=True)
+    table = Table(title=f"run {result.run_id}", title_justify="left", box=None)
+    for column in ("stage", "total", "committed", "failed", "skipped", "wall", "speedup", ""):
+        table.add_column(column, justify="left" if column in ("stage", "") else "right")
+    for stage in result.stages:
+        verdict = "ok" if stage.met_threshold else "[red]missed threshold[/red]"
+        table.add_row(
+            stage.name,
+            str(stage.total),
+            str(stage.committed),
+            str(stage.failed),
+            str(stage.skipped),
+            f"{stage.wall_s:.2f}s",
+            f"{stage.speedup:.1f}x",
+            verdict,
+        )
+    console.print(table)
+    failures = [inst for stage in result.stages for inst in stage.instances
+                if inst.status == "failed"]
+    for inst in failures[:10]:
+        console.print(
+            f"  failed {inst.stage}/{inst.key} [{inst.cause}]: {inst.message}", markup=False
+        )
+    if len(failures) > 10:
+        console.print(f"  ... and {len(failures) - 10} more failures")
+    if result.notes:
+        console.print(f"notes: {result.notes}", markup=False)
+    if result.cancelled:
+        console.print("stopped: committed outputs are kept; run again to finish the rest.")
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@_stage_option
+@_only_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(pipeline: str, stages: tuple[str, ...], only: tuple[str, ...], as_json: bool) -> None:
+    """Expand PIPELINE into instances without running anything."""
+    planned = _plan(pipeline, stages, only)
+    if as_json:
+        click.echo(json.dumps(planned.to_json(), indent=2, ensure_ascii=False))
+        return
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"pipeline {planned.pipeline.config.name} ({planned.project_dir})", markup=False)
+    for stage in planned.stages:
+        mark = "" if stage.name in planned.selected else " (not selected: read from disk)"
+        needs = f", needs {', '.join(stage.needs)}" if stage.needs else ""
+        console.print(
+            f"\nstage {stage.name}: {stage.kind}, {len(stage.instances)} instances, "
+            f"runner {stage.runner.type}, concurrency {stage.concurrency}, "
+            f"retries {stage.retries}, timeout {stage.timeout:g}s{needs}{mark}",
+            markup=False,
+        )
+        if stage.expect:
+            console.print(f"  expects: {', '.join(sorted(stage.expect))}", markup=False)
+        for inst in stage.instances[:8]:
+            inputs = f" <- {len(inst.inputs)} inputs" if inst.inputs else ""
+            console.print(f"  {inst.key} -> {inst.output_rel}/{inputs}", markup=False)
+        if len(stage.instances) > 8:
+            console.print(f"  ... and {len(stage.instances) - 8} more", markup=False)
+    console.print(
+        "\nchecks passed: every instance owns a distinct output folder, none nested in "
+        "another's, all inside the project; no stage reads its own outputs."
+    )
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+def validate(pipeline: str) -> None:
+    """Check PIPELINE and every file it names, without running anything."""
+    planned = _plan(pipeline, (), ())
+    try:
+        check_runners(planned)
+    except UsageError as exc:
+        _fail(exc)
+    total = sum(len(stage.instances) for stage in planned.stages)
+    click.echo(f"ok: {len(planned.stages)} stages, {total} instances")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False), default=".")
+def init(directory: str) -> None:
+    """Write a starter project (pipeline, blueprint, partitions, agent) into DIRECTORY."""
+    try:
+        written = write_starter(Path(directory))
+    except UsageError as exc:
+        _fail(exc)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"next: phalanx run {Path(directory) / 'pipeline.yaml'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,1 @@
+"""Reporting: the live terminal display (HTML reports come later)."""

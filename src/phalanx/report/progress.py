@@ -1,0 +1,209 @@
+"""The live display of a run.
+
+On a terminal: a rich table, one row per stage (total, running, committed, failed, retrying,
+elapsed, ETA), redrawn a few times a second. Elsewhere (a pipe, a CI log, ``--quiet`` off a
+terminal): plain lines, one per stage start and end, per failed attempt, and a progress line per
+stage at most every ``interval`` seconds, so a 10,000-instance run does not print 10,000 lines.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .._events import (
+    AttemptEnded,
+    AttemptStarted,
+    Event,
+    InstanceEnded,
+    RunEnded,
+    RunStarted,
+    StageEnded,
+    StageStarted,
+)
+
+__all__ = ["Progress"]
+
+
+@dataclass
+class _Row:
+    name: str
+    total: int = 0
+    running: int = 0
+    committed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    retrying: int = 0
+    started: float | None = None
+    ended: float | None = None
+    last_line: float = 0.0
+    status: str = "waiting"
+    keys_retrying: set[str] = field(default_factory=set)
+
+    @property
+    def done(self) -> int:
+        return self.committed + self.failed + self.skipped
+
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.monotonic()) - self.started
+
+    def eta(self) -> str:
+        if self.ended is not None or self.started is None:
+            return ""
+        if self.done == 0:
+            return "?"
+        rate = self.done / max(self.elapsed(), 1e-6)
+        return _clock((self.total - self.done) / rate)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """An event handler that draws the run; use as a context manager around the run."""
+
+    def __init__(self, stream: TextIO, *, live: bool, interval: float = 5.0) -> None:
+        self.console = Console(file=stream, highlight=False, soft_wrap=True)
+        self.live_mode = live
+        self.interval = interval
+        self.rows: dict[str, _Row] = {}
+        self._live: Live | None = None
+
+    def __enter__(self) -> Progress:
+        if self.live_mode:
+            self._live = Live(
+                self._table(), console=self.console, refresh_per_second=4, transient=False
+            )
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+    def _print(self, text: str) -> None:
+        if self._live is not None:
+            self._live.console.print(text)
+        else:
+            self.console.print(text, markup=False)
+
+    def __call__(self, event: Event) -> None:
+        now = time.monotonic()
+        if isinstance(event, RunStarted):
+            self.rows = {name: _Row(name) for name in event.stages}
+            self._print(f"run {event.run_id}: pipeline {event.pipeline}")
+        elif isinstance(event, StageStarted):
+            row = self.rows[event.stage]
+            row.total, row.started, row.status = event.total, now, "running"
+            if not self.live_mode:
+                self._print(
+                    f"stage {event.stage}: {event.total} instances, "
+                    f"concurrency {event.concurrency}"
+                )
+        elif isinstance(event, AttemptStarted):
+            row = self.rows[event.stage]
+            row.running += 1
+            if event.key in row.keys_retrying:
+                row.keys_retrying.discard(event.key)
+                row.retrying -= 1
+        elif isinstance(event, AttemptEnded):
+            row = self.rows[event.stage]
+            row.running -= 1
+            if event.cause is not None:
+                then = "gave up" if event.retry_in is None else f"retry in {event.retry_in:.1f}s"
+                self._print(
+                    f"  {event.stage}/{event.key} attempt {event.attempt} failed "
+                    f"[{event.cause}]: {_one_line(event.message)} ({then})"
+                )
+                if event.retry_in is not None:
+                    row.keys_retrying.add(event.key)
+                    row.retrying += 1
+        elif isinstance(event, InstanceEnded):
+            self._instance_ended(event, now)
+        elif isinstance(event, StageEnded):
+            result = event.result
+            row = self.rows[result.name]
+            row.ended = now
+            row.status = "done" if result.met_threshold else "missed"
+            row.total = result.total
+            row.committed, row.failed, row.skipped = (
+                result.committed,
+                result.failed,
+                result.skipped,
+            )
+            row.running = row.retrying = 0
+            if not self.live_mode or result.skipped_reason:
+                why = f" ({result.skipped_reason})" if result.skipped_reason else ""
+                self._print(
+                    f"stage {result.name}: {result.committed} committed, {result.failed} "
+                    f"failed, {result.skipped} skipped of {result.total} in "
+                    f"{result.wall_s:.2f}s{why}"
+                )
+        elif isinstance(event, RunEnded) and event.cancelled:
+            self._print("run stopped: in-flight attempts cancelled, committed outputs kept")
+        if self._live is not None:
+            self._live.update(self._table())
+
+    def _instance_ended(self, event: InstanceEnded, now: float) -> None:
+        result = event.result
+        row = self.rows[result.stage]
+        if result.status == "committed":
+            row.committed += 1
+        elif result.status == "failed":
+            row.failed += 1
+        else:
+            row.skipped += 1
+        if not self.live_mode and now - row.last_line >= self.interval:
+            row.last_line = now
+            self._print(
+                f"  {row.name}: {row.done}/{row.total} done, {row.committed} committed, "
+                f"{row.failed} failed, {row.running} running, ETA {row.eta()}"
+            )
+
+    def _table(self) -> Table:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in (
+            "stage",
+            "total",
+            "running",
+            "committed",
+            "failed",
+            "skipped",
+            "retrying",
+            "elapsed",
+            "ETA",
+        ):
+            table.add_column(column, justify="left" if column == "stage" else "right")
+        for row in self.rows.values():
+            style = {"missed": "red", "done": "green", "waiting": "dim"}.get(row.status, "")
+            table.add_row(
+                row.name,
+                str(row.total),
+                str(row.running),
+                str(row.committed),
+                str(row.failed),
+                str(row.skipped),
+                str(row.retrying),
+                _clock(row.elapsed()),
+                row.eta(),
+                style=style,
+            )
+        return table
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

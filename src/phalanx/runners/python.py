@@ -1,0 +1,99 @@
+"""The ``python`` runner: a callable in the user's project, ``module:function``.
+
+The callable receives the :class:`~phalanx.InstanceContext`. An ``async def`` is awaited on
+the event loop; a plain function runs in a worker thread so it cannot stall the others. It
+signals failure by raising; whatever it raises becomes a failed attempt carrying the exception's
+type, message and the last lines of its traceback.
+
+A thread cannot be killed: on timeout phalanx stops waiting for a sync function and discards its
+staging folder, but the function itself runs on until it returns. Write long-running agents as
+``async def`` (or use the ``command`` runner) when timeouts matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .._errors import InstanceError, RunnerError, UsageError
+from ._base import InstanceContext, Runner
+
+__all__ = ["PythonRunner", "import_callable"]
+
+
+def import_callable(spec: str, *, project_dir: Path, what: str) -> Callable[..., Any]:
+    """Import ``module:attr.path`` with ``project_dir`` first on ``sys.path``.
+
+    Raises :class:`UsageError` naming ``what`` (where the spec was written) and the fix.
+    """
+    module_name, _, attr_path = spec.partition(":")
+    root = str(project_dir)
+    _forget_foreign(module_name, project_dir)
+    sys.path.insert(0, root)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(
+            f"{what}: cannot import module {module_name!r} for {spec!r}: {exc}; the module must "
+            f"be importable from the project directory {project_dir} or installed"
+        ) from exc
+    finally:
+        if sys.path and sys.path[0] == root:
+            del sys.path[0]
+    target: Any = module
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(
+                f"{what}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from None
+    if not callable(target):
+        raise UsageError(f"{what}: {spec!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def _forget_foreign(module_name: str, project_dir: Path) -> None:
+    """Drop a cached module of the same name that belongs to another project.
+
+    Two projects run from one process often both have an ``agent.py``; without this the second
+    would silently get the first one's functions.
+    """
+    top = module_name.split(".", 1)[0]
+    local = project_dir / f"{top}.py", project_dir / top / "__init__.py"
+    cached = sys.modules.get(top)
+    if cached is None or not any(path.is_file() for path in local):
+        return
+    origin = getattr(cached, "__file__", None)
+    if origin is not None and Path(origin).resolve() in {p.resolve() for p in local}:
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
+
+
+class PythonRunner(Runner):
+    """Calls a user function with the instance context; see the module docstring."""
+
+    type = "python"
+
+    def __init__(self, function: Callable[[InstanceContext], Any]) -> None:
+        self.function = function
+        self.is_async = inspect.iscoroutinefunction(function)
+
+    async def run(self, ctx: InstanceContext) -> None:
+        try:
+            if self.is_async:
+                await self.function(ctx)
+            else:
+                await asyncio.to_thread(self.function, ctx)
+        except InstanceError:
+            raise
+        except Exception as exc:
+            tail = "".join(traceback.format_exception(exc)[-3:])
+            raise RunnerError(f"{type(exc).__name__}: {exc}", detail=tail) from exc
