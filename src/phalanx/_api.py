@@ -9,7 +9,7 @@ from typing import Any, Literal
 from ._config import Backoff, Defaults, ExpectSpec, PipelineConfig, StageConfig
 from ._events import EventHandler
 from ._partitions import PartitionSource
-from ._pipeline import Pipeline, load_pipeline, plan_pipeline
+from ._pipeline import Pipeline, Plan, load_pipeline, plan_pipeline
 from ._results import RunResult, StageResult
 from ._scheduler import RunHandle, run_plan
 from .runners import InstanceContext, Runner
@@ -55,7 +55,7 @@ async def fan_out(
     expect: Iterable[str] | Mapping[str, ExpectSpec] = (),
     concurrency: int = 16,
     retries: int = 2,
-    timeout: float = 600.0,
+    timeout: float = 600.0,  # noqa: ASYNC109 - per attempt, like the stage field, not for this call
     backoff: Backoff | None = None,
     min_success: float = 1.0,
     on_failure: Literal["continue", "abort"] = "continue",
@@ -72,10 +72,52 @@ async def fan_out(
     pipeline file. Returns the stage's result after its barrier; instance failures are in it,
     not raised.
     """
+    plan = _one_stage_plan(
+        partitions,
+        output=output,
+        project_dir=project_dir,
+        name=name,
+        key=key,
+        blueprint=blueprint,
+        prompt=prompt,
+        params=params,
+        expect=expect,
+        concurrency=concurrency,
+        retries=retries,
+        timeout=timeout,
+        backoff=backoff,
+        min_success=min_success,
+        on_failure=on_failure,
+        notes=notes,
+    )
+    runner = agent if isinstance(agent, Runner) else PythonRunner(agent)
+    result = await run_plan(plan, on_event=on_event, handle=handle, runners={name: runner})
+    return result.stages[0]
+
+
+def _one_stage_plan(
+    partitions: Iterable[Mapping[str, Any] | str | int] | PartitionSource,
+    *,
+    output: str,
+    project_dir: str | Path,
+    name: str,
+    key: str | None,
+    blueprint: str | None,
+    prompt: Literal["inline", "reference"],
+    params: Mapping[str, object] | None,
+    expect: Iterable[str] | Mapping[str, ExpectSpec],
+    concurrency: int,
+    retries: int,
+    timeout: float,
+    backoff: Backoff | None,
+    min_success: float,
+    on_failure: Literal["continue", "abort"],
+    notes: str,
+) -> Plan:
     source = (
         partitions
         if isinstance(partitions, PartitionSource)
-        else PartitionSource(items=list(partitions), key=key)
+        else PartitionSource.model_validate({"items": list(partitions), "key": key})
     )
     stage = StageConfig(
         name=name,
@@ -103,7 +145,4 @@ async def fan_out(
     )
     root = Path(project_dir).resolve()
     pipeline = Pipeline(config, root / "fan_out()", root, "fan_out()")
-    plan = plan_pipeline(pipeline)
-    runner = agent if isinstance(agent, Runner) else PythonRunner(agent)
-    result = await run_plan(plan, on_event=on_event, handle=handle, runners={name: runner})
-    return result.stages[0]
+    return plan_pipeline(pipeline)

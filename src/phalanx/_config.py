@@ -78,9 +78,7 @@ class CommandRunnerConfig(_Model):
     kill_grace: Duration = 2.0
 
 
-RunnerConfig = Annotated[
-    PythonRunnerConfig | CommandRunnerConfig, Field(discriminator="type")
-]
+RunnerConfig = Annotated[PythonRunnerConfig | CommandRunnerConfig, Field(discriminator="type")]
 
 
 class Backoff(_Model):
@@ -145,7 +143,7 @@ class StageConfig(_Model):
     single: bool = False
     needs: list[str] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
-    output: str
+    output: str | None = None
     expect: dict[str, ExpectSpec] = Field(default_factory=dict)
     check: list[str] | None = Field(default=None, min_length=1)
     reads: list[str] = Field(default_factory=list)

@@ -96,9 +96,7 @@ class OutputRules:
     def _run_check(self, staging: Path, values: Mapping[str, object]) -> None:
         assert self.check is not None  # noqa: S101 - caller checked
         try:
-            argv = [
-                render_config(arg, {**values, "OUTPUT_DIR": staging}) for arg in self.check
-            ]
+            argv = [render_config(arg, {**values, "OUTPUT_DIR": staging}) for arg in self.check]
         except TemplateKeyError as exc:
             raise OutputInvalidError(f"check command refers to unknown {{{exc.name}}}") from None
         try:
@@ -157,9 +155,7 @@ def _load_json(path: Path, name: str) -> tuple[Any, list[str]]:
         return None, [f"{name}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"]
 
 
-def _schema_problems(
-    path: Path, name: str, validator: jsonschema.protocols.Validator
-) -> list[str]:
+def _schema_problems(path: Path, name: str, validator: jsonschema.protocols.Validator) -> list[str]:
     document, problems = _load_json(path, name)
     if problems:
         return problems

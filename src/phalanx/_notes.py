@@ -16,8 +16,7 @@ from ._results import InstanceResult, StageResult
 __all__ = ["Notes"]
 
 _HEADER = (
-    "# phalanx notes\n\n"
-    "Failed attempts, newest last. Written by phalanx; safe to edit or delete.\n"
+    "# phalanx notes\n\nFailed attempts, newest last. Written by phalanx; safe to edit or delete.\n"
 )
 
 

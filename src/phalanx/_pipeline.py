@@ -51,6 +51,8 @@ STATE_DIR = ".phalanx"
 _RUNNER_ADAPTER: TypeAdapter[RunnerConfig] = TypeAdapter(RunnerConfig)
 
 StageKind = Literal["map", "group", "single", "follow"]
+_Seed = tuple[str, float, Mapping[str, object], tuple[InputRef, ...]]
+"""What one instance is made from: key, priority, fields, inputs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +159,7 @@ def _dotted(loc: Sequence[str | int], data: object) -> str:
             except (IndexError, KeyError, TypeError):
                 current = None
             name = (
-                current.get("name")
-                if isinstance(current, dict)
-                else getattr(current, "name", None)
+                current.get("name") if isinstance(current, dict) else getattr(current, "name", None)
             )
             if isinstance(name, str):
                 out += f" ({name})"
@@ -200,8 +200,16 @@ def _format_validation(
 _KNOWN_FIELDS: dict[tuple[str, ...], list[str]] = {
     (): list(PipelineConfig.model_fields),
     ("stages",): [f.alias or n for n, f in StageConfig.model_fields.items()],
-    ("defaults",): ["runner", "prompt", "concurrency", "retries", "timeout", "on_failure",
-                    "min_success", "backoff"],
+    ("defaults",): [
+        "runner",
+        "prompt",
+        "concurrency",
+        "retries",
+        "timeout",
+        "on_failure",
+        "min_success",
+        "backoff",
+    ],
     ("partitions",): [f.alias or n for n, f in PartitionSource.model_fields.items()],
     ("backoff",): list(Backoff.model_fields),
 }
@@ -436,6 +444,7 @@ class _Planner:
         prompt_mode = stage.prompt or defaults.prompt
         kind: StageKind = stage.kind
         group_field = None
+        seeds: list[_Seed]
         if kind == "map":
             assert stage.partitions is not None  # noqa: S101 - the kind says so
             rows = self._rows(i, stage.partitions)
@@ -448,9 +457,7 @@ class _Planner:
         elif kind == "group":
             group_field, seeds = self._groups(i, stage, planned)
         else:
-            inputs = tuple(
-                _ref(inst) for need in stage.needs for inst in planned[need].instances
-            )
+            inputs = tuple(_ref(inst) for need in stage.needs for inst in planned[need].instances)
             seeds = [(stage.name, 0.0, {}, inputs)]
         instances = tuple(
             self._instance(i, stage, blueprint, prompt_mode, output, n, *seed)
@@ -515,7 +522,7 @@ class _Planner:
 
     def _groups(
         self, i: int, stage: StageConfig, planned: Mapping[str, StagePlan]
-    ) -> tuple[str, list[tuple[str, float, Mapping[str, object], tuple[InputRef, ...]]]]:
+    ) -> tuple[str, list[_Seed]]:
         assert stage.group_by is not None  # noqa: S101 - the kind says so
         source_name = stage.group_by.stage
         if source_name is None:
@@ -541,7 +548,7 @@ class _Planner:
                 )
             value = inst.values[field_name]
             groups.setdefault(stringify(value), []).append(inst)
-        seeds: list[tuple[str, float, Mapping[str, object], tuple[InputRef, ...]]] = []
+        seeds: list[_Seed] = []
         for value, members in groups.items():
             reason = validate_key(value)
             if reason:
@@ -711,7 +718,9 @@ class _Planner:
 
     @staticmethod
     def _reads(stage: StagePlan) -> list[tuple[str, tuple[str, ...]]]:
-        reads = [(path, ("reads",)) for path in stage.config.reads]
+        reads: list[tuple[str, tuple[str, ...]]] = [
+            (path, ("reads",)) for path in stage.config.reads
+        ]
         source = stage.config.partitions
         if source is not None and source.from_:
             reads.append((source.from_, ("partitions", "from")))

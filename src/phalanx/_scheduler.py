@@ -67,9 +67,7 @@ def check_runners(plan: Plan) -> None:
         _stage_tools(plan, stage, None)
 
 
-def _stage_tools(
-    plan: Plan, stage: StagePlan, given: Runner | None
-) -> tuple[Runner, OutputRules]:
+def _stage_tools(plan: Plan, stage: StagePlan, given: Runner | None) -> tuple[Runner, OutputRules]:
     runner = given
     if runner is None:
         where = plan.pipeline.where("stages", plan.index(stage.name), "runner")

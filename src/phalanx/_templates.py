@@ -1,8 +1,10 @@
 """The two template languages phalanx reads.
 
 *Prompt templates* (blueprint bodies) replace only ``{UPPER_SNAKE}`` placeholders and leave every
-other brace alone, so a JSON example in a prompt survives rendering; ``{{`` and ``}}`` are literal
-braces.
+other brace alone, so a JSON example in a prompt survives rendering, nested objects included
+(``{"a": {"b": 1}}``). To write a placeholder literally, double its braces: ``{{PERIOD}}``
+renders as ``{PERIOD}``. Doubled braces around anything else are left as written, because they
+escape nothing there and JSON is full of ``}}``.
 
 *Config templates* (output paths, partition keys, parameter mappings, command argv elements)
 treat every ``{name}`` as a reference: a typo is an error, never silently kept. Names may be
@@ -27,7 +29,7 @@ __all__ = [
     "stringify",
 ]
 
-_PROMPT_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Z][A-Z0-9_]*)\}")
+_PROMPT_TOKEN = re.compile(r"\{\{([A-Z][A-Z0-9_]*)\}\}|\{([A-Z][A-Z0-9_]*)\}")
 _CONFIG_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -58,18 +60,26 @@ def prompt_placeholders(text: str) -> list[str]:
     """The ``{UPPER_SNAKE}`` names a prompt template uses, in order of first appearance."""
     seen: dict[str, None] = {}
     for match in _PROMPT_TOKEN.finditer(text):
-        if match.group(1):
-            seen.setdefault(match.group(1), None)
+        if match.group(2):
+            seen.setdefault(match.group(2), None)
     return list(seen)
 
 
 def render_prompt(text: str, values: Mapping[str, object]) -> str:
-    """Replace each ``{UPPER_SNAKE}`` with its value; ``{{``/``}}`` become ``{``/``}``.
+    """Replace each ``{UPPER_SNAKE}`` with its value; ``{{NAME}}`` becomes ``{NAME}``.
 
     Raises :class:`TemplateKeyError` for the first placeholder without a value.
     """
 
-    return _substitute(_PROMPT_TOKEN, text, values)
+    def one(match: re.Match[str]) -> str:
+        if match.group(1):
+            return "{" + match.group(1) + "}"
+        name = match.group(2)
+        if name not in values:
+            raise TemplateKeyError(name)
+        return stringify(values[name])
+
+    return _PROMPT_TOKEN.sub(one, text)
 
 
 def config_placeholders(text: str) -> list[str]:

@@ -20,8 +20,8 @@ from rich.table import Table
 from ._errors import UsageError
 from ._pipeline import Plan, load_pipeline, plan_pipeline
 from ._results import RunResult
-from ._scheduler import RunHandle, check_runners, run_plan
 from ._scaffold import write_starter
+from ._scheduler import RunHandle, check_runners, run_plan
 from .report.progress import Progress
 
 __all__ = ["main"]
@@ -39,9 +39,7 @@ def _fail(error: UsageError) -> NoReturn:
 
 def _plan(pipeline: str, stages: tuple[str, ...], only: tuple[str, ...]) -> Plan:
     try:
-        return plan_pipeline(
-            load_pipeline(pipeline), stages=stages or None, only=only or None
-        )
+        return plan_pipeline(load_pipeline(pipeline), stages=stages or None, only=only or None)
     except UsageError as exc:
         _fail(exc)
 
@@ -125,8 +123,9 @@ def _print_summary(result: RunResult) -> None:
             verdict,
         )
     console.print(table)
-    failures = [inst for stage in result.stages for inst in stage.instances
-                if inst.status == "failed"]
+    failures = [
+        inst for stage in result.stages for inst in stage.instances if inst.status == "failed"
+    ]
     for inst in failures[:10]:
         console.print(
             f"  failed {inst.stage}/{inst.key} [{inst.cause}]: {inst.message}", markup=False

@@ -64,8 +64,8 @@ class _Row:
 
 
 def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
@@ -110,8 +110,7 @@ class Progress:
             row.total, row.started, row.status = event.total, now, "running"
             if not self.live_mode:
                 self._print(
-                    f"stage {event.stage}: {event.total} instances, "
-                    f"concurrency {event.concurrency}"
+                    f"stage {event.stage}: {event.total} instances, concurrency {event.concurrency}"
                 )
         elif isinstance(event, AttemptStarted):
             row = self.rows[event.stage]

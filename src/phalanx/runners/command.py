@@ -60,8 +60,7 @@ class CommandRunner(Runner):
             return [render_config(arg, values) for arg in self.config.argv]
         except TemplateKeyError as exc:
             raise RunnerError(
-                f"runner argv refers to {{{exc.name}}}, which instance {ctx.key!r} has no value "
-                "for"
+                f"runner argv refers to {{{exc.name}}}, which instance {ctx.key!r} has no value for"
             ) from None
 
     @staticmethod
