@@ -28,7 +28,7 @@ from ._config import ExpectSpec
 from ._errors import ConfinementError, OutputInvalidError, PipelineError
 from ._templates import TemplateKeyError, render_config
 
-__all__ = ["DataBus", "OutputRules", "load_schema"]
+__all__ = ["DataBus", "OutputRules", "changed_inputs", "load_schema", "snapshot"]
 
 _MAX_PROBLEMS = 8
 
@@ -144,6 +144,31 @@ def _scan(staging: Path) -> dict[str, int]:
             elif not stat.S_ISDIR(info.st_mode):
                 raise ConfinementError(f"output {rel} is not a regular file")
     return files
+
+
+Snapshot = dict[str, tuple[int, int, int]]
+
+
+def snapshot(folders: list[Path]) -> Snapshot:
+    """Path -> (mode, size, mtime) of everything under ``folders``: enough to tell whether an
+    attempt wrote into the upstream outputs it was only meant to read."""
+    seen: Snapshot = {}
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            for name in dirnames + filenames:
+                info = os.lstat(os.path.join(dirpath, name))
+                seen[os.path.join(dirpath, name)] = (info.st_mode, info.st_size, info.st_mtime_ns)
+        if not os.path.isdir(folder):
+            seen[str(folder)] = (0, -1, -1)
+    return seen
+
+
+def changed_inputs(before: Snapshot, folders: list[Path]) -> list[str]:
+    """What differs between ``before`` and the folders now: changed, added or removed paths."""
+    after = snapshot(folders)
+    return sorted(
+        path for path in before.keys() | after.keys() if before.get(path) != after.get(path)
+    )
 
 
 def _load_json(path: Path, name: str) -> tuple[Any, list[str]]:

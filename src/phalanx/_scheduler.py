@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._config import Backoff
-from ._databus import DataBus, OutputRules, load_schema
-from ._errors import InstanceError, RunnerError, RunnerTimeout
+from ._databus import DataBus, OutputRules, Snapshot, changed_inputs, load_schema, snapshot
+from ._errors import ConfinementError, InstanceError, RunnerError, RunnerTimeout
 from ._events import (
     AttemptEnded,
     AttemptStarted,
@@ -249,6 +249,8 @@ class _Run:
         for need in stage.needs:
             if need in self.finished:
                 await self.finished[need].wait()
+                if self.stopping:
+                    return "cancelled"
                 upstream = self.results[need]
                 if not upstream.met_threshold:
                     return (
@@ -427,7 +429,9 @@ class _Run:
             )
 
         error: InstanceError | None = None
+        folders = [ref.path for ref in inputs]
         try:
+            before = await asyncio.to_thread(snapshot, folders) if folders else None
             try:
                 async with asyncio.timeout(stage.timeout):
                     await state.runner.run(ctx)
@@ -435,6 +439,8 @@ class _Run:
                 raise RunnerTimeout(
                     f"ran past the stage's timeout of {stage.timeout:g}s and was stopped"
                 ) from None
+            if before is not None:
+                await self._check_inputs_untouched(before, folders)
             await _to_the_end(
                 asyncio.to_thread(self._validate_and_commit, state, inst, staging), committed
             )
@@ -449,6 +455,17 @@ class _Run:
             duration = time.monotonic() - started
             attempts.append(AttemptRecord(attempt, wall, duration, error.cause, str(error)))
         return error
+
+    async def _check_inputs_untouched(self, before: Snapshot, folders: list[Path]) -> None:
+        changed = await asyncio.to_thread(changed_inputs, before, folders)
+        if changed:
+            shown = ", ".join(
+                str(Path(path).relative_to(self.plan.project_dir)) for path in changed[:5]
+            )
+            raise ConfinementError(
+                f"the attempt changed upstream outputs it may only read: {shown}"
+                + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            )
 
     def _validate_and_commit(self, state: _StageState, inst: InstancePlan, staging: Path) -> None:
         state.rules.validate(staging, inst.values)
