@@ -11,6 +11,7 @@ folder in): between them the output is absent, never half-written.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -244,3 +245,5 @@ class DataBus:
         """Remove this run's (now empty) staging and trash folders."""
         for root in (self.staging_root, self.trash_root):
             shutil.rmtree(root, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                root.parent.rmdir()  # only if no other run left anything there

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from phalanx._errors import PartitionError, PartitionKeyError
+from phalanx._imports import forget_foreign
 from phalanx._templates import (
     TemplateKeyError,
     TemplateSyntaxError,
@@ -607,6 +608,7 @@ def _call_rows(spec: str, project_dir: Path, prefix: str) -> list[_Row]:
             f"{prefix}: {spec!r} is not a callable reference; write 'module:function'"
         )
     entry = str(project_dir)
+    forget_foreign(module_name, project_dir)
     sys.path.insert(0, entry)
     try:
         function = _import(module_name, attribute, spec, prefix)

@@ -430,12 +430,13 @@ class _Planner:
                 f"{self.where(i)}: no output: set the stage's `output:` to a directory template "
                 "such as data/{PERIOD}/raw/{ORGANIZATION_ID}/"
             )
-        expect = dict(stage.expect)
-        if not expect and blueprint is not None:
+        expect: dict[str, ExpectSpec] = {}
+        if blueprint is not None:
             expect = {
                 out.name: ExpectSpec(schema=out.schema, description=out.description)
                 for out in blueprint.outputs
             }
+        expect.update(stage.expect)  # the stage adds files or refines the blueprint's
         schemas = {
             name: self._existing_file(spec.schema_, i, "expect", name, "schema")
             for name, spec in expect.items()

@@ -252,6 +252,8 @@ class _Run:
                 if self.stopping:
                     return "cancelled"
                 upstream = self.results[need]
+                if upstream.skipped_reason is not None:
+                    return f"upstream stage {need!r} did not run"
                 if not upstream.met_threshold:
                     return (
                         f"upstream stage {need!r} missed its threshold "

@@ -107,6 +107,8 @@ async def _run(plan: Plan, concurrency: int | None, progress: Progress) -> RunRe
 
 def _print_summary(result: RunResult) -> None:
     console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 120  # logs and pipes: do not squeeze the table into 80 columns
     table = Table(title=f"run {result.run_id}", title_justify="left", box=None)
     for column in ("stage", "total", "committed", "failed", "skipped", "wall", "speedup", ""):
         table.add_column(column, justify="left" if column in ("stage", "") else "right")
@@ -202,3 +204,7 @@ def init(directory: str) -> None:
 def main() -> None:
     """Console-script entry point."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ stage at most every ``interval`` seconds, so a 10,000-instance run does not prin
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -43,6 +44,8 @@ class _Row:
     ended: float | None = None
     last_line: float = 0.0
     status: str = "waiting"
+    concurrency: int = 1
+    busy: float = 0.0
     keys_retrying: set[str] = field(default_factory=set)
 
     @property
@@ -55,12 +58,19 @@ class _Row:
         return (self.ended or time.monotonic()) - self.started
 
     def eta(self) -> str:
+        """Remaining time: from the completion rate once a full window of instances has ended,
+        before that from their mean duration spread over the slots (a rate taken from the
+        first few completions badly overestimates a wide stage)."""
         if self.ended is not None or self.started is None:
             return ""
-        if self.done == 0:
+        ran = self.committed + self.failed
+        if ran == 0:
             return "?"
-        rate = self.done / max(self.elapsed(), 1e-6)
-        return _clock((self.total - self.done) / rate)
+        remaining = self.total - self.done
+        slots = max(1, min(self.concurrency, self.total))
+        if self.done >= slots:
+            return _clock(remaining * self.elapsed() / self.done)
+        return _clock(math.ceil(remaining / slots) * self.busy / ran)
 
 
 def _clock(seconds: float) -> str:
@@ -108,6 +118,7 @@ class Progress:
         elif isinstance(event, StageStarted):
             row = self.rows[event.stage]
             row.total, row.started, row.status = event.total, now, "running"
+            row.concurrency = event.concurrency
             if not self.live_mode:
                 self._print(
                     f"stage {event.stage}: {event.total} instances, concurrency {event.concurrency}"
@@ -159,6 +170,7 @@ class Progress:
     def _instance_ended(self, event: InstanceEnded, now: float) -> None:
         result = event.result
         row = self.rows[result.stage]
+        row.busy += result.duration_s
         if result.status == "committed":
             row.committed += 1
         elif result.status == "failed":

@@ -98,6 +98,7 @@ class CommandRunner(Runner):
                     ],
                     ensure_ascii=False,
                 ),
+                "PHALANX_MISSING": json.dumps(list(ctx.missing), ensure_ascii=False),
             }
         )
         if prompt_file is not None:

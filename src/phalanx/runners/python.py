@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import InstanceError, RunnerError, UsageError
+from .._imports import forget_foreign
 from ._base import InstanceContext, Runner
 
 __all__ = ["PythonRunner", "import_callable"]
@@ -34,7 +35,7 @@ def import_callable(spec: str, *, project_dir: Path, what: str) -> Callable[...,
     """
     module_name, _, attr_path = spec.partition(":")
     root = str(project_dir)
-    _forget_foreign(module_name, project_dir)
+    forget_foreign(module_name, project_dir)
     sys.path.insert(0, root)
     try:
         module = importlib.import_module(module_name)
@@ -57,24 +58,6 @@ def import_callable(spec: str, *, project_dir: Path, what: str) -> Callable[...,
     if not callable(target):
         raise UsageError(f"{what}: {spec!r} is not callable")
     return target  # type: ignore[no-any-return]
-
-
-def _forget_foreign(module_name: str, project_dir: Path) -> None:
-    """Drop a cached module of the same name that belongs to another project.
-
-    Two projects run from one process often both have an ``agent.py``; without this the second
-    would silently get the first one's functions.
-    """
-    top = module_name.split(".", 1)[0]
-    local = project_dir / f"{top}.py", project_dir / top / "__init__.py"
-    cached = sys.modules.get(top)
-    if cached is None or not any(path.is_file() for path in local):
-        return
-    origin = getattr(cached, "__file__", None)
-    if origin is not None and Path(origin).resolve() in {p.resolve() for p in local}:
-        return
-    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
-        del sys.modules[name]
 
 
 class PythonRunner(Runner):
