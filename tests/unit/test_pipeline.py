@@ -229,8 +229,8 @@ def test_runner_settings_merge_defaults_and_stage(tmp_path: Path) -> None:
     )
     one, two = plan.stages
     assert one.runner.type == "command"
-    assert one.runner.argv == ["b"]  # type: ignore[union-attr]
-    assert one.runner.prompt == "file"  # type: ignore[union-attr]
+    assert one.runner.argv == ["b"]
+    assert one.runner.prompt == "file"
     assert (one.retries, one.timeout) == (4, 120.0)
     assert two.runner.type == "python"
     assert two.retries == 0
