@@ -106,7 +106,7 @@ class Progress:
 
     def _print(self, text: str) -> None:
         if self._live is not None:
-            self._live.console.print(text)
+            self._live.console.print(text, markup=False)
         else:
             self.console.print(text, markup=False)
 
