@@ -29,7 +29,14 @@ from ._config import ExpectSpec
 from ._errors import ConfinementError, OutputInvalidError, PipelineError
 from ._templates import TemplateKeyError, render_config
 
-__all__ = ["DataBus", "OutputRules", "changed_inputs", "load_schema", "snapshot"]
+__all__ = [
+    "DataBus",
+    "OutputRules",
+    "changed_inputs",
+    "expected_name",
+    "load_schema",
+    "snapshot",
+]
 
 _MAX_PROBLEMS = 8
 
@@ -72,7 +79,7 @@ class OutputRules:
             problems.append("the agent wrote no file (the stage expects at least one)")
         checked: set[str] = set()
         for template in self.expect:
-            name = _expected_name(template, values)
+            name = expected_name(template, values)
             checked.add(name)
             size = files.get(name)
             if size is None:
@@ -123,9 +130,17 @@ class OutputRules:
             )
 
 
-def _expected_name(template: str, values: Mapping[str, object]) -> str:
+def expected_name(template: str, values: Mapping[str, object]) -> str:
+    """The relative path an ``expect`` entry names for one instance.
+
+    Raises ``ValueError`` for a path that leaves the output folder (absolute, or through
+    ``..``), and :class:`~phalanx._templates.TemplateKeyError` for a missing value.
+    """
     name = render_config(template, values) if "{" in template else template
-    return posixpath.normpath(name.replace("\\", "/"))
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if norm.startswith("/") or norm in {".", ".."} or norm.startswith("../"):
+        raise ValueError(f"expected file {name!r} is not a path inside the output folder")
+    return norm
 
 
 def _scan(staging: Path) -> dict[str, int]:

@@ -29,6 +29,7 @@ from ._config import (
     RunnerConfig,
     StageConfig,
 )
+from ._databus import expected_name
 from ._errors import CycleError, OutputConflictError, PipelineError
 from ._partitions import Partition, PartitionSource, check_unique, load_partitions, validate_key
 from ._templates import TemplateKeyError, TemplateSyntaxError, render_config, stringify
@@ -461,7 +462,7 @@ class _Planner:
             inputs = tuple(_ref(inst) for need in stage.needs for inst in planned[need].instances)
             seeds = [(stage.name, 0.0, {}, inputs)]
         instances = tuple(
-            self._instance(i, stage, blueprint, prompt_mode, output, n, *seed)
+            self._instance(i, stage, blueprint, prompt_mode, output, expect, n, *seed)
             for n, seed in enumerate(seeds)
         )
         return StagePlan(
@@ -569,6 +570,7 @@ class _Planner:
         blueprint: Blueprint | None,
         prompt_mode: str,
         output_template: str,
+        expect: Mapping[str, ExpectSpec],
         index: int,
         key: str,
         priority: float,
@@ -584,6 +586,16 @@ class _Planner:
         output_rel = self._output_path(
             self._render(output_template, context, i, ("output",), key), i, key
         )
+        for name in expect:
+            try:
+                expected_name(name, context)
+            except ValueError as exc:
+                raise PipelineError(f"{self.where(i, 'expect')}: {exc}") from None
+            except TemplateKeyError as exc:
+                raise PipelineError(
+                    f"{self.where(i, 'expect')}: {name!r} refers to {{{exc.name}}}, which "
+                    f"partition {key!r} does not have"
+                ) from None
         if blueprint is None:
             prompt = ""
         elif prompt_mode == "reference":

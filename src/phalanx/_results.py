@@ -127,6 +127,7 @@ class RunResult:
     stages: tuple[StageResult, ...]
     wall_s: float
     cancelled: bool = False
+    stop_reason: str | None = None
     notes: Path | None = None
     summaries: tuple[Path, ...] = field(default=())
 
@@ -146,6 +147,7 @@ class RunResult:
             "pipeline": self.pipeline,
             "ok": self.ok,
             "cancelled": self.cancelled,
+            "stop_reason": self.stop_reason,
             "wall_s": round(self.wall_s, 6),
             "notes": str(self.notes) if self.notes else None,
             "stages": [stage.to_json() for stage in self.stages],

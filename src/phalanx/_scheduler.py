@@ -23,8 +23,10 @@ import secrets
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from ._config import Backoff
 from ._databus import DataBus, OutputRules, Snapshot, changed_inputs, load_schema, snapshot
@@ -46,6 +48,9 @@ from ._results import AttemptRecord, InstanceResult, RunResult, StageResult
 from .runners import InputRef, InstanceContext, Runner, create_runner
 
 __all__ = ["RunHandle", "backoff_delay", "check_runners", "new_run_id", "run_plan"]
+
+
+_T = TypeVar("_T")
 
 
 def new_run_id() -> str:
@@ -91,7 +96,7 @@ class RunHandle:
         if self.stop_reason is None:
             self.stop_reason = reason
         if self._run is not None:
-            self._run.stop()
+            self._run.stop(self.stop_reason)
 
 
 @dataclass(eq=False)
@@ -134,7 +139,7 @@ async def run_plan(
     if handle is not None:
         handle._run = run
         if handle.stop_reason is not None:
-            run.stop()
+            run.stop(handle.stop_reason)
     try:
         return await run.execute()
     finally:
@@ -171,7 +176,11 @@ class _Run:
         )
         cap = max(config.concurrency, concurrency or 0)
         self.global_slots = asyncio.Semaphore(cap)
+        # Validation, commits and input snapshots: a pool of our own, so a slow check command
+        # in one stage does not queue behind asyncio's few default threads.
+        self.pool = ThreadPoolExecutor(min(64, cap), thread_name_prefix="phalanx-io")
         self.stopping = False
+        self.stop_reason: str | None = None
         self.results: dict[str, StageResult] = {}
         self.finished: dict[str, asyncio.Event] = {}
         self.active: set[_StageState] = set()
@@ -179,11 +188,16 @@ class _Run:
         self.committed: dict[str, set[str]] = {}
         self.logs = self.state_dir / "runs" / run_id / "logs"
 
+    def _io(self, function: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
+        return asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+
     def emit(self, event: Event) -> None:
         if self.on_event is not None:
             self.on_event(event)
 
-    def stop(self) -> None:
+    def stop(self, reason: str) -> None:
+        if not self.stopping:
+            self.stop_reason = reason
         self.stopping = True
         for state in list(self.active):
             for task in list(state.tasks):
@@ -208,7 +222,8 @@ class _Run:
                 for name, state in states.items():
                     group.create_task(self._stage(state), name=f"stage:{name}")
         finally:
-            await asyncio.to_thread(self.bus.close)
+            await self._io(self.bus.close)
+            self.pool.shutdown(wait=False)  # every task above awaited its own work
             for state in states.values():
                 await state.runner.aclose()
         result = RunResult(
@@ -217,6 +232,7 @@ class _Run:
             stages=tuple(self.results[name] for name in states),
             wall_s=time.monotonic() - started,
             cancelled=self.stopping,
+            stop_reason=self.stop_reason,
             notes=self.notes.journal if self.notes.written else None,
             summaries=tuple(self.summaries),
         )
@@ -240,7 +256,7 @@ class _Run:
             else:
                 result = await self._run_stage(state)
             self.results[stage.name] = result
-            self.summaries.append(await asyncio.to_thread(self.notes.summary, result))
+            self.summaries.append(await self._io(self.notes.summary, result))
             self.emit(StageEnded(result))
         finally:
             self.finished[stage.name].set()
@@ -433,7 +449,7 @@ class _Run:
         error: InstanceError | None = None
         folders = [ref.path for ref in inputs]
         try:
-            before = await asyncio.to_thread(snapshot, folders) if folders else None
+            before = await self._io(snapshot, folders) if folders else None
             try:
                 async with asyncio.timeout(stage.timeout):
                     await state.runner.run(ctx)
@@ -443,9 +459,7 @@ class _Run:
                 ) from None
             if before is not None:
                 await self._check_inputs_untouched(before, folders)
-            await _to_the_end(
-                asyncio.to_thread(self._validate_and_commit, state, inst, staging), committed
-            )
+            await _to_the_end(self._io(self._validate_and_commit, state, inst, staging), committed)
         except InstanceError as exc:
             error = exc
         except Exception as exc:  # a runner's own bug must not take its siblings down
@@ -459,7 +473,7 @@ class _Run:
         return error
 
     async def _check_inputs_untouched(self, before: Snapshot, folders: list[Path]) -> None:
-        changed = await asyncio.to_thread(changed_inputs, before, folders)
+        changed = await self._io(changed_inputs, before, folders)
         if changed:
             shown = ", ".join(
                 str(Path(path).relative_to(self.plan.project_dir)) for path in changed[:5]

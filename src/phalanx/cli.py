@@ -88,6 +88,11 @@ def run(
     else:
         _print_summary(result)
     if result.cancelled:
+        click.echo(
+            f"stopped: {result.stop_reason or 'cancelled'}; in-flight attempts were cancelled "
+            "and cleaned up, committed outputs are kept",
+            err=True,
+        )
         sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
 
@@ -113,7 +118,12 @@ def _print_summary(result: RunResult) -> None:
     for column in ("stage", "total", "committed", "failed", "skipped", "wall", "speedup", ""):
         table.add_column(column, justify="left" if column in ("stage", "") else "right")
     for stage in result.stages:
-        verdict = "ok" if stage.met_threshold else "[red]missed threshold[/red]"
+        if stage.met_threshold:
+            verdict = "ok"
+        elif result.cancelled:
+            verdict = "[yellow]stopped[/yellow]"
+        else:
+            verdict = "[red]missed threshold[/red]"
         table.add_row(
             stage.name,
             str(stage.total),
@@ -136,8 +146,6 @@ def _print_summary(result: RunResult) -> None:
         console.print(f"  ... and {len(failures) - 10} more failures")
     if result.notes:
         console.print(f"notes: {result.notes}", markup=False)
-    if result.cancelled:
-        console.print("stopped: committed outputs are kept; run again to finish the rest.")
 
 
 @cli.command()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from phalanx import run_pipeline
 
-AGENTS = '''
+AGENTS = """
 import os
 from pathlib import Path
 
@@ -30,7 +30,7 @@ def tamper(ctx):
 def link(ctx):
     os.symlink("/etc/passwd", ctx.output_dir / "passwd")
     (ctx.output_dir / "out.txt").write_text("ok")
-'''
+"""
 
 PIPELINE = """\
 name: confinement

@@ -134,7 +134,7 @@ def test_params_render_from_partition_fields_and_pipeline_params(tmp_path: Path)
             params: {{ORG: "{{id}}", LABEL: "{{name}} ({{PERIOD}}) {{{{x}}}}"}}
             output: data/{{PERIOD}}/{{ORG}}/
         """,
-        {"agent.md": "Org {ORG}, label {LABEL}, key {PARTITION_KEY}, json {\"a\": 1}\n"},
+        {"agent.md": 'Org {ORG}, label {LABEL}, key {PARTITION_KEY}, json {"a": 1}\n'},
     )
     inst = plan.stages[0].instances[0]
     assert inst.values["LABEL"] == "Acme; Inc (2025-09) {x}"

@@ -115,6 +115,12 @@ class CommandRunner(Runner):
             prompt_file = ctx.log_dir / "prompt.md"
             prompt_file.write_text(ctx.prompt, encoding="utf-8")
         argv = self.argv(ctx, prompt_file)
+        for position, arg in enumerate(argv):
+            if "\x00" in arg:
+                raise RunnerError(
+                    f"argv[{position}] would contain a NUL byte (from a partition value), which "
+                    "no program argument can hold; pass such values in a file or PHALANX_PARAMS"
+                )
         env = self.environment(ctx, prompt_file)
         stdout_path = ctx.log_dir / "stdout.log"
         stderr_path = ctx.log_dir / "stderr.log"

@@ -6,16 +6,20 @@ signals failure by raising; whatever it raises becomes a failed attempt carrying
 type, message and the last lines of its traceback.
 
 A thread cannot be killed: on timeout phalanx stops waiting for a sync function and discards its
-staging folder, but the function itself runs on until it returns. Write long-running agents as
+staging folder, but the function itself runs on until it returns (in a daemon thread, so it
+neither holds up its siblings nor keeps the process alive at exit). Write long-running agents as
 ``async def`` (or use the ``command`` runner) when timeouts matter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import importlib
 import inspect
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -74,9 +78,43 @@ class PythonRunner(Runner):
             if self.is_async:
                 await self.function(ctx)
             else:
-                await asyncio.to_thread(self.function, ctx)
+                await _in_daemon_thread(self.function, ctx)
         except InstanceError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in an agent ends only its attempt
             tail = "".join(traceback.format_exception(exc)[-3:])
             raise RunnerError(f"{type(exc).__name__}: {exc}", detail=tail) from exc
+
+
+async def _in_daemon_thread(
+    function: Callable[[InstanceContext], Any], ctx: InstanceContext
+) -> None:
+    """Run a sync agent in a thread of its own.
+
+    Not a pool: a pool's few threads would cap the stage's concurrency, and an agent stuck past
+    its timeout would hold a pool thread for good, starving its siblings and keeping the process
+    from exiting. A daemon thread per attempt costs tens of microseconds and neither.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return  # cancelled (timeout, abort, stop) while the thread ran on
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def target() -> None:
+        error: BaseException | None = None
+        try:
+            contextvars.copy_context().run(function, ctx)
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed while the thread ran on
+            loop.call_soon_threadsafe(settle, error)
+
+    thread = threading.Thread(target=target, name=f"phalanx:{ctx.stage}/{ctx.key}", daemon=True)
+    thread.start()
+    await done
