@@ -17,7 +17,6 @@ import json
 import os
 import posixpath
 import shutil
-import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,10 +34,12 @@ __all__ = [
     "changed_inputs",
     "expected_name",
     "load_schema",
+    "scan",
     "snapshot",
 ]
 
 _MAX_PROBLEMS = 8
+_INLINE_JSON_BYTES = 256 * 1024
 
 
 def load_schema(path: Path, *, display: str) -> jsonschema.protocols.Validator:
@@ -70,10 +71,23 @@ class OutputRules:
         self.check = check
         self.check_timeout = check_timeout
 
-    def validate(self, staging: Path, values: Mapping[str, object]) -> None:
+    def cheap(self, files: Mapping[str, int]) -> bool:
+        """Whether validating ``files`` is quick enough to do on the event loop: no check
+        command to wait for, and little JSON to parse. Handing a few syscalls to a thread
+        costs more than doing them."""
+        if self.check is not None:
+            return False
+        json_bytes = sum(size for name, size in files.items() if name.endswith(".json"))
+        return json_bytes <= _INLINE_JSON_BYTES
+
+    def validate(
+        self, staging: Path, values: Mapping[str, object], files: Mapping[str, int] | None = None
+    ) -> None:
         """Raise :class:`OutputInvalidError` or :class:`ConfinementError` unless the staging
-        folder holds a complete, valid output."""
-        files = _scan(staging)
+        folder holds a complete, valid output. ``files`` is the folder's :func:`scan`, when
+        the caller already has it."""
+        if files is None:
+            files = scan(staging)
         problems: list[str] = []
         if not self.expect and not files:
             problems.append("the agent wrote no file (the stage expects at least one)")
@@ -143,22 +157,28 @@ def expected_name(template: str, values: Mapping[str, object]) -> str:
     return norm
 
 
-def _scan(staging: Path) -> dict[str, int]:
-    """Relative path -> size for every regular file; refuses symlinks and special files."""
+def scan(staging: Path) -> dict[str, int]:
+    """Relative path -> size of every regular file under ``staging``.
+
+    Raises :class:`ConfinementError` for a symlink or a special file anywhere in it.
+    """
     files: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(staging):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            info = path.lstat()
-            rel = path.relative_to(staging).as_posix()
-            if stat.S_ISLNK(info.st_mode):
-                raise ConfinementError(
-                    f"output {rel} is a symlink; outputs must be plain files and folders"
-                )
-            if stat.S_ISREG(info.st_mode):
-                files[rel] = info.st_size
-            elif not stat.S_ISDIR(info.st_mode):
-                raise ConfinementError(f"output {rel} is not a regular file")
+    pending = [("", os.fspath(staging))]
+    while pending:
+        prefix, folder = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                rel = prefix + entry.name
+                if entry.is_symlink():
+                    raise ConfinementError(
+                        f"output {rel} is a symlink; outputs must be plain files and folders"
+                    )
+                if entry.is_file():
+                    files[rel] = entry.stat().st_size
+                elif entry.is_dir():
+                    pending.append((rel + "/", entry.path))
+                else:
+                    raise ConfinementError(f"output {rel} is not a regular file")
     return files
 
 
@@ -211,23 +231,28 @@ class DataBus:
         self.project_dir = project_dir
         self.staging_root = state_dir / "staging" / run_id
         self.trash_root = state_dir / "trash" / run_id
-        self._made: set[Path] = set()
+        self._made: set[str] = set()
 
     def staging_dir(self, stage: str, key: str, attempt: int) -> Path:
         """Create and return a fresh, empty staging folder for one attempt."""
-        parent = self.staging_root / stage
-        if parent not in self._made:
-            parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(parent)
-        path = parent / f"{key}.{attempt}"
-        if path.exists():
+        parent = f"{self.staging_root}/{stage}"
+        self._ensure(parent)
+        path = Path(f"{parent}/{key}.{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:  # left by an attempt of the same number that crashed
             shutil.rmtree(path)
-        path.mkdir()
+            path.mkdir()
         return path
+
+    def _ensure(self, folder: str) -> None:
+        if folder not in self._made:
+            os.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
 
     def commit(self, staging: Path, final: Path, *, stage: str, key: str) -> None:
         """Move a validated staging folder onto ``final`` (replacing an older output)."""
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._ensure(os.path.dirname(final))
         old = None
         if os.path.lexists(final):
             old = self.trash_root / stage / key

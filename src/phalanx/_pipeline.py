@@ -351,7 +351,9 @@ class _Planner:
         self.pipeline = pipeline
         self.config = pipeline.config
         self.root = pipeline.project_dir
+        self.real_root = self.root.resolve()
         self.index = {stage.name: i for i, stage in enumerate(self.config.stages)}
+        self.safe_parents: set[str] = set()  # output parents already checked for symlinks
 
     def where(self, stage_index: int, *loc: str | int) -> str:
         return self.pipeline.where("stages", stage_index, *loc)
@@ -635,38 +637,41 @@ class _Planner:
             ) from None
 
     def _output_path(self, rendered: str, i: int, key: str) -> str:
-        where = self.where(i, "output")
         text = rendered.replace("\\", "/")
         if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
             raise OutputConflictError(
-                f"{where}: output {rendered!r} (partition {key!r}) is absolute; outputs are "
-                "relative to the project directory"
+                f"{self.where(i, 'output')}: output {rendered!r} (partition {key!r}) is "
+                "absolute; outputs are relative to the project directory"
             )
         norm = posixpath.normpath(text)
         if norm in {".", ".."} or norm.startswith("../"):
             raise OutputConflictError(
-                f"{where}: output {rendered!r} (partition {key!r}) escapes the project "
-                "directory; outputs must be folders inside it"
+                f"{self.where(i, 'output')}: output {rendered!r} (partition {key!r}) escapes "
+                "the project directory; outputs must be folders inside it"
             )
-        first = norm.split("/", 1)[0]
-        if first == STATE_DIR:
+        if norm.split("/", 1)[0] == STATE_DIR:
             raise OutputConflictError(
-                f"{where}: output {rendered!r} is inside {STATE_DIR}/, phalanx's own state"
+                f"{self.where(i, 'output')}: output {rendered!r} is inside {STATE_DIR}/, "
+                "phalanx's own state"
             )
-        target = self.root / norm
-        anchor = target
-        while not anchor.exists() and anchor != self.root:
-            anchor = anchor.parent
-        if not anchor.resolve().is_relative_to(self.root.resolve()):
-            raise OutputConflictError(
-                f"{where}: output {rendered!r} (partition {key!r}) leads outside the project "
-                f"directory through the symlink {anchor}"
-            )
+        parent = posixpath.dirname(norm)
+        if parent not in self.safe_parents:
+            # The deepest existing folder on the way must resolve inside the project: a symlink
+            # there would carry outputs elsewhere. Checked once per parent folder.
+            anchor = self.root / parent
+            while not anchor.exists() and anchor != self.root:
+                anchor = anchor.parent
+            if not anchor.resolve().is_relative_to(self.real_root):
+                raise OutputConflictError(
+                    f"{self.where(i, 'output')}: output {rendered!r} (partition {key!r}) leads "
+                    f"outside the project directory through the symlink {anchor}"
+                )
+            self.safe_parents.add(parent)
         return norm
 
     def _inside(self, rel: str, i: int, *loc: str) -> Path:
         path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        if not path.is_relative_to(self.real_root):
             raise PipelineError(
                 f"{self.where(i, *loc)}: {rel!r} is outside the project directory "
                 f"{self.root}; keep blueprints, schemas and inputs inside it"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ._config import Backoff
-from ._databus import DataBus, OutputRules, Snapshot, changed_inputs, load_schema, snapshot
+from ._databus import DataBus, OutputRules, Snapshot, changed_inputs, load_schema, scan, snapshot
 from ._errors import ConfinementError, InstanceError, RunnerError, RunnerTimeout
 from ._events import (
     AttemptEnded,
@@ -430,7 +430,7 @@ class _Run:
             inputs=inputs,
             missing=missing,
             project_dir=self.plan.project_dir,
-            log_dir=self.logs / stage.name / inst.key / f"attempt-{attempt}",
+            log_dir=Path(f"{self.logs}/{stage.name}/{inst.key}/attempt-{attempt}"),
             blueprint=stage.blueprint.path if stage.blueprint else None,
             timeout=stage.timeout,
         )
@@ -459,14 +459,22 @@ class _Run:
                 ) from None
             if before is not None:
                 await self._check_inputs_untouched(before, folders)
-            await _to_the_end(self._io(self._validate_and_commit, state, inst, staging), committed)
+            files = scan(staging)
+            if state.rules.cheap(files):
+                self._validate_and_commit(state, inst, staging, files)
+                committed()
+            else:
+                await _to_the_end(
+                    self._io(self._validate_and_commit, state, inst, staging, files), committed
+                )
         except InstanceError as exc:
             error = exc
         except Exception as exc:  # a runner's own bug must not take its siblings down
             tail = "".join(traceback.format_exception(exc)[-3:])
             error = RunnerError(f"{type(exc).__name__}: {exc}", detail=tail)
         finally:
-            self.bus.discard(staging)
+            if inst.key not in state.outcomes:  # not committed: the staging folder is still there
+                self.bus.discard(staging)
         if error is not None:
             duration = time.monotonic() - started
             attempts.append(AttemptRecord(attempt, wall, duration, error.cause, str(error)))
@@ -483,8 +491,10 @@ class _Run:
                 + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
             )
 
-    def _validate_and_commit(self, state: _StageState, inst: InstancePlan, staging: Path) -> None:
-        state.rules.validate(staging, inst.values)
+    def _validate_and_commit(
+        self, state: _StageState, inst: InstancePlan, staging: Path, files: dict[str, int]
+    ) -> None:
+        state.rules.validate(staging, inst.values, files)
         self.bus.commit(staging, inst.output, stage=inst.stage, key=inst.key)
 
 

@@ -16,6 +16,7 @@ caller turns it into a user-facing error that also names the file and the partit
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -87,10 +88,48 @@ def config_placeholders(text: str) -> list[str]:
 
     Raises :class:`TemplateSyntaxError` for an unmatched brace or a non-identifier placeholder.
     """
-    seen: dict[str, None] = {}
+    return list(dict.fromkeys(name for name in _compile(text)[1::2]))
+
+
+def render_config(text: str, values: Mapping[str, object]) -> str:
+    """Replace every ``{name}`` with its value.
+
+    Raises :class:`TemplateSyntaxError` for malformed templates and :class:`TemplateKeyError`
+    for the first name without a value.
+    """
+    parts = _compile(text)
+    if len(parts) == 1:
+        return parts[0]
+    out = [parts[0]]
+    for index in range(1, len(parts), 2):
+        name = parts[index]
+        try:
+            value = values[name]
+        except KeyError:
+            raise TemplateKeyError(name) from None
+        out.append(stringify(value))
+        out.append(parts[index + 1])
+    return "".join(out)
+
+
+_ESCAPES = {"{{": "{", "}}": "}"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile(text: str) -> tuple[str, ...]:
+    """A config template as alternating literal text and names: ``(lit, name, lit, ...)``.
+
+    Templates repeat for every instance of a stage; parsing each once keeps planning cheap.
+    """
+    parts: list[str] = []
+    literal: list[str] = []
+    position = 0
     for match in _CONFIG_TOKEN.finditer(text):
+        literal.append(text[position : match.start()])
+        position = match.end()
         piece = match.group(0)
         if piece in _ESCAPES:
+            literal.append(_ESCAPES[piece])
             continue
         name = match.group(1)
         if name is None:
@@ -102,32 +141,8 @@ def config_placeholders(text: str) -> list[str]:
                 f"{{{name}}} in {text!r} is not a parameter name "
                 "(letters, digits and underscores); write '{{' and '}}' for literal braces"
             )
-        seen.setdefault(name, None)
-    return list(seen)
-
-
-def render_config(text: str, values: Mapping[str, object]) -> str:
-    """Replace every ``{name}`` with its value.
-
-    Raises :class:`TemplateSyntaxError` for malformed templates and :class:`TemplateKeyError`
-    for the first name without a value.
-    """
-    config_placeholders(text)  # syntax check first, so errors do not depend on the values
-
-    return _substitute(_CONFIG_TOKEN, text, values)
-
-
-_ESCAPES = {"{{": "{", "}}": "}"}
-
-
-def _substitute(pattern: re.Pattern[str], text: str, values: Mapping[str, object]) -> str:
-    def one(match: re.Match[str]) -> str:
-        piece = match.group(0)
-        if piece in _ESCAPES:
-            return _ESCAPES[piece]
-        name = match.group(1)
-        if name not in values:
-            raise TemplateKeyError(name)
-        return stringify(values[name])
-
-    return pattern.sub(one, text)
+        parts += ["".join(literal), name]
+        literal = []
+    literal.append(text[position:])
+    parts.append("".join(literal))
+    return tuple(parts)
