@@ -354,6 +354,7 @@ class _Planner:
         self.real_root = self.root.resolve()
         self.index = {stage.name: i for i, stage in enumerate(self.config.stages)}
         self.safe_parents: set[str] = set()  # output parents already checked for symlinks
+        self.checked_names: set[str] = set()  # expect names without placeholders, checked
 
     def where(self, stage_index: int, *loc: str | int) -> str:
         return self.pipeline.where("stages", stage_index, *loc)
@@ -589,6 +590,8 @@ class _Planner:
             self._render(output_template, context, i, ("output",), key), i, key
         )
         for name in expect:
+            if "{" not in name and name in self.checked_names:
+                continue  # a fixed name: checked once for the stage
             try:
                 expected_name(name, context)
             except ValueError as exc:
@@ -598,6 +601,7 @@ class _Planner:
                     f"{self.where(i, 'expect')}: {name!r} refers to {{{exc.name}}}, which "
                     f"partition {key!r} does not have"
                 ) from None
+            self.checked_names.add(name)
         if blueprint is None:
             prompt = ""
         elif prompt_mode == "reference":

@@ -294,12 +294,7 @@ class _Run:
         self.active.add(state)
         try:
             async with asyncio.TaskGroup() as group:
-                for inst in order:
-                    task = group.create_task(
-                        self._instance(state, inst), name=f"instance:{stage.name}/{inst.key}"
-                    )
-                    state.tasks.add(task)
-                    task.add_done_callback(state.tasks.discard)
+                self._track(state, group.create_task(self._feed(state, order, group)))
         finally:
             self.active.discard(state)
         reason = "cancelled" if self.stopping else (state.abort_reason or "cancelled")
@@ -321,6 +316,8 @@ class _Run:
     def _available(self, inst: InstancePlan) -> tuple[tuple[InputRef, ...], tuple[str, ...]]:
         """Split an instance's inputs into committed ones and missing ones. The outputs of a
         stage that is not part of this run are read from disk as earlier runs left them."""
+        if not inst.inputs:
+            return (), ()
         present: list[InputRef] = []
         missing: list[str] = []
         for ref in inst.inputs:
@@ -334,69 +331,135 @@ class _Run:
                 missing.append(f"{ref.stage}/{ref.key}")
         return tuple(present), tuple(missing)
 
-    async def _instance(self, state: _StageState, inst: InstancePlan) -> None:
-        stage = state.plan
-        inputs, missing = self._available(inst)
-        if inst.inputs and not inputs:
-            state.outcomes[inst.key] = self._ended(
-                InstanceResult(
-                    stage.name,
-                    inst.key,
-                    "skipped",
-                    inst.output,
-                    reason="upstream failed",
-                    message=f"none of its inputs committed: {', '.join(missing[:5])}",
-                )
-            )
-            return
-        attempts: list[AttemptRecord] = []
-        total = stage.retries + 1
-        for attempt in range(1, total + 1):
-            async with state.slots, self.global_slots:
-                if self.stopping or state.abort_reason:
-                    return
-                error = await self._attempt(state, inst, attempt, inputs, missing, attempts)
-            if error is None:
+    @staticmethod
+    def _track(state: _StageState, task: asyncio.Task[None]) -> None:
+        """Stop and abort cancel what is tracked here."""
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+
+    async def _slot(self, state: _StageState) -> None:
+        """Take a slot of the stage and one of the run, in that order, or neither."""
+        await state.slots.acquire()
+        try:
+            await self.global_slots.acquire()
+        except BaseException:
+            state.slots.release()
+            raise
+
+    def _free(self, state: _StageState) -> None:
+        self.global_slots.release()
+        state.slots.release()
+
+    async def _feed(
+        self, state: _StageState, order: list[InstancePlan], group: asyncio.TaskGroup
+    ) -> None:
+        """Start instances in priority order, each the moment a slot is free.
+
+        An instance task is created only once it holds its slot, so a stage of 10,000 does not
+        park 10,000 tasks on a semaphore; instances never started (stop, abort) have no task
+        and are recorded as skipped.
+        """
+        name = state.plan.name
+        for inst in order:
+            await self._slot(state)
+            if self.stopping or state.abort_reason:
+                self._free(state)
                 return
-            last = attempt == total or self.stopping or state.abort_reason is not None
-            delay = None if last else backoff_delay(stage.backoff, attempt, self.rng)
-            self.notes.failure(
-                stage=stage.name,
-                key=inst.key,
-                attempt=attempt,
-                attempts=total,
-                cause=error.cause,
-                message=str(error),
-                detail=error.detail,
-                action="gave up" if delay is None else f"retrying in {delay:.1f}s",
+            self._track(
+                state,
+                group.create_task(self._instance(state, inst), name=f"instance:{name}/{inst.key}"),
             )
-            self.emit(
-                AttemptEnded(
-                    stage.name,
-                    inst.key,
-                    attempt,
-                    attempts[-1].duration_s,
-                    error.cause,
-                    str(error),
-                    delay,
-                )
-            )
-            if delay is None:
+
+    async def _instance(self, state: _StageState, inst: InstancePlan) -> None:
+        """One instance, from its first attempt (started holding its slot, see :meth:`_feed`)
+        to its outcome. The slot is given back during a retry's backoff."""
+        stage = state.plan
+        held = True
+        try:
+            inputs, missing = self._available(inst)
+            if inst.inputs and not inputs:
                 state.outcomes[inst.key] = self._ended(
                     InstanceResult(
                         stage.name,
                         inst.key,
-                        "failed",
+                        "skipped",
                         inst.output,
-                        tuple(attempts),
-                        cause=error.cause,
-                        message=str(error),
+                        reason="upstream failed",
+                        message=f"none of its inputs committed: {', '.join(missing[:5])}",
                     )
                 )
-                if stage.on_failure == "abort" and state.abort_reason is None:
-                    self._abort(state, inst.key)
                 return
-            await asyncio.sleep(delay)
+            attempts: list[AttemptRecord] = []
+            total = stage.retries + 1
+            for attempt in range(1, total + 1):
+                if not held:
+                    await self._slot(state)
+                    held = True
+                if self.stopping or state.abort_reason:
+                    return
+                error = await self._attempt(state, inst, attempt, inputs, missing, attempts)
+                self._free(state)
+                held = False
+                if error is None:
+                    return
+                delay = self._failed_attempt(state, inst, attempt, total, error, attempts)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
+        finally:
+            if held:
+                self._free(state)
+
+    def _failed_attempt(
+        self,
+        state: _StageState,
+        inst: InstancePlan,
+        attempt: int,
+        total: int,
+        error: InstanceError,
+        attempts: list[AttemptRecord],
+    ) -> float | None:
+        """Journal a failed attempt; returns the backoff before the next one, or ``None`` when
+        the instance has failed for good (and then records that, aborting if asked)."""
+        stage = state.plan
+        last = attempt == total or self.stopping or state.abort_reason is not None
+        delay = None if last else backoff_delay(stage.backoff, attempt, self.rng)
+        self.notes.failure(
+            stage=stage.name,
+            key=inst.key,
+            attempt=attempt,
+            attempts=total,
+            cause=error.cause,
+            message=str(error),
+            detail=error.detail,
+            action="gave up" if delay is None else f"retrying in {delay:.1f}s",
+        )
+        self.emit(
+            AttemptEnded(
+                stage.name,
+                inst.key,
+                attempt,
+                attempts[-1].duration_s,
+                error.cause,
+                str(error),
+                delay,
+            )
+        )
+        if delay is None:
+            state.outcomes[inst.key] = self._ended(
+                InstanceResult(
+                    stage.name,
+                    inst.key,
+                    "failed",
+                    inst.output,
+                    tuple(attempts),
+                    cause=error.cause,
+                    message=str(error),
+                )
+            )
+            if stage.on_failure == "abort" and state.abort_reason is None:
+                self._abort(state, inst.key)
+        return delay
 
     def _abort(self, state: _StageState, key: str) -> None:
         state.abort_reason = f"aborted: {key!r} failed and the stage has on_failure: abort"
