@@ -209,6 +209,32 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
+def one_stage(
+    runner: Mapping[str, object],
+    keys: Iterable[str | Mapping[str, object]],
+    *,
+    expect: Iterable[str] = ("out.json", "notes.md"),
+    **stage: object,
+) -> dict[str, object]:
+    """A pipeline with one map stage ``s`` over ``keys`` (ids, or whole rows) writing
+    ``data/{PARTITION_KEY}/``, no retries unless ``stage`` says otherwise."""
+    items = [dict(key) if isinstance(key, Mapping) else {"id": key} for key in keys]
+    return {
+        "name": "t",
+        "stages": [
+            {
+                "name": "s",
+                "partitions": {"items": items},
+                "output": "data/{PARTITION_KEY}/",
+                "expect": list(expect),
+                "runner": runner,
+                "retries": 0,
+                **stage,
+            }
+        ],
+    }
+
+
 class ProjectFactory:
     """``make_project(pipeline_yaml, files)`` -> :class:`Project` in a fresh folder."""
 
@@ -221,6 +247,7 @@ class ProjectFactory:
     agent = AGENT
     runner = staticmethod(agent_runner)
     dump = staticmethod(pipeline_text)
+    one_stage = staticmethod(one_stage)
 
     def __call__(
         self,

@@ -17,31 +17,13 @@ if TYPE_CHECKING:
     from tests.conftest import ProjectFactory
 
 
-def one_stage(runner: Mapping[str, object], keys: str, **stage: object) -> dict[str, object]:
-    """One map stage ``s`` over single-letter keys, expecting out.json and notes.md."""
-    return {
-        "name": "t",
-        "stages": [
-            {
-                "name": "s",
-                "partitions": {"items": [{"id": k} for k in keys]},
-                "output": "data/{PARTITION_KEY}/",
-                "expect": ["out.json", "notes.md"],
-                "runner": runner,
-                "retries": 0,
-                **stage,
-            }
-        ],
-    }
-
-
 def test_invalid_json_is_retried_then_recorded(make_project: ProjectFactory) -> None:
     """An agent writing ``{not json`` to an expected ``.json`` file is retried (retries: 2),
     then fails with cause ``output-invalid``: three notes entries (1/3 and 2/3 retrying, 3/3
     gave up), a row in the stage summary, no output folder; the other partitions commit."""
     runner = make_project.runner("write", "b=badjson")
     backoff = {"base": "0.01s", "max": "0.02s"}
-    project = make_project(one_stage(runner, "abc", retries=2, backoff=backoff))
+    project = make_project(make_project.one_stage(runner, "abc", retries=2, backoff=backoff))
 
     stage = project.run().stage("s")
 
@@ -80,7 +62,7 @@ def test_incomplete_or_unsafe_output_leaves_no_folder(
     """An agent that writes only one of two expected files, writes one and then fails, raises,
     or leaves a symlink or a named pipe among its outputs leaves no output folder at all (not
     even the files it did write); a symlink or special file is refused as ``confinement``."""
-    project = make_project(one_stage(make_project.runner(mode), "x"))
+    project = make_project(make_project.one_stage(make_project.runner(mode), "x"))
 
     (inst,) = project.run().stage("s").instances
 

@@ -19,23 +19,6 @@ if TYPE_CHECKING:
 KEYS = [f"p{n:02d}" for n in range(12)]
 
 
-def one_stage(runner: dict[str, object], keys: list[str], **stage: object) -> dict[str, object]:
-    return {
-        "name": "kill",
-        "stages": [
-            {
-                "name": "s",
-                "partitions": {"items": [{"id": k} for k in keys]},
-                "output": "data/{PARTITION_KEY}/",
-                "expect": ["out.json", "notes.md"],
-                "runner": runner,
-                "retries": 0,
-                **stage,
-            }
-        ],
-    }
-
-
 def complete(folder: Path) -> bool:
     """Whether an output folder holds exactly the agent's two files, whole and valid."""
     key = folder.name
@@ -58,7 +41,7 @@ def test_kill_9_mid_run_leaves_only_complete_outputs(make_project: ProjectFactor
     is complete; after SIGKILL of the orchestrator (with some outputs committed and others in
     flight) still only complete folders exist; a second run commits every partition."""
     runner = make_project.runner("--pids", str(make_project.pids), "--delay", "0.4", "slow")
-    project = make_project(one_stage(runner, KEYS, concurrency=4))
+    project = make_project(make_project.one_stage(runner, KEYS, concurrency=4))
 
     orchestrator = project.start("run", "pipeline.yaml", "--quiet")
     incomplete: set[str] = set()
@@ -102,7 +85,7 @@ def test_stop_signal_exits_130_and_cleans_up(
         "s3=stubborn", kill_grace="0.5s",
     )  # fmt: skip
     keys = ["f1", "f2", "f3", "s1", "s2", "s3"]
-    project = make_project(one_stage(runner, keys, concurrency=6))
+    project = make_project(make_project.one_stage(runner, keys, concurrency=6))
 
     process = project.start("run", "pipeline.yaml", "--quiet")
     project.wait_until(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,30 +19,6 @@ if TYPE_CHECKING:
     from tests.conftest import ProjectFactory
 
 
-def one_stage(
-    runner: Mapping[str, object],
-    items: list[dict[str, object]],
-    *,
-    expect: tuple[str, ...] = ("out.json", "notes.md"),
-    **stage: object,
-) -> dict[str, object]:
-    """A pipeline with one map stage ``s`` writing ``data/{PARTITION_KEY}/``."""
-    return {
-        "name": "t",
-        "stages": [
-            {
-                "name": "s",
-                "partitions": {"items": items},
-                "output": "data/{PARTITION_KEY}/",
-                "expect": list(expect),
-                "runner": runner,
-                "retries": 0,
-                **stage,
-            }
-        ],
-    }
-
-
 @pytest.mark.parametrize("mode", ["hang", "stubborn"])
 def test_hanging_agent_and_its_child_die_on_timeout(
     make_project: ProjectFactory, pids: Path, mode: str
@@ -53,7 +28,7 @@ def test_hanging_agent_and_its_child_die_on_timeout(
     SIGKILL after ``kill_grace`` for an agent that ignores SIGTERM); its staging folder is gone
     and no output folder exists."""
     runner = make_project.runner("--pids", str(pids), mode, kill_grace="0.5s")
-    project = make_project(one_stage(runner, [{"id": "h"}], timeout="1s"))
+    project = make_project(make_project.one_stage(runner, [{"id": "h"}], timeout="1s"))
 
     result = project.run()
 
@@ -72,7 +47,7 @@ def test_nonzero_exit_fails_with_code_and_stderr_tail(make_project: ProjectFacto
     saying ``exited with code 3`` and the tail of its stderr in the notes; the others commit."""
     runner = make_project.runner("write", "b=exit3", "d=exit3")
     items: list[dict[str, object]] = [{"id": k} for k in "abcde"]
-    project = make_project(one_stage(runner, items))
+    project = make_project(make_project.one_stage(runner, items))
 
     stage = project.run().stage("s")
 
@@ -95,7 +70,7 @@ def test_nonzero_exit_fails_with_code_and_stderr_tail(make_project: ProjectFacto
 def test_agent_killed_by_a_signal_fails_as_runner_error(make_project: ProjectFactory) -> None:
     """An agent that SIGKILLs itself fails with cause ``runner-error`` and a message naming the
     signal; no output folder appears for it."""
-    project = make_project(one_stage(make_project.runner("crash"), [{"id": "x"}]))
+    project = make_project(make_project.one_stage(make_project.runner("crash"), [{"id": "x"}]))
 
     (inst,) = project.run().stage("s").instances
 
@@ -110,7 +85,7 @@ def test_child_left_behind_by_a_successful_agent_is_killed(
     """An agent that exits 0 but leaves a child in its process group commits, and the child does
     not outlive the attempt."""
     project = make_project(
-        one_stage(make_project.runner("--pids", str(pids), "orphan"), [{"id": "o"}])
+        make_project.one_stage(make_project.runner("--pids", str(pids), "orphan"), [{"id": "o"}])
     )
 
     (inst,) = project.run().stage("s").instances
@@ -124,7 +99,7 @@ def test_missing_program_fails_as_runner_error(make_project: ProjectFactory) -> 
     """A program that cannot start fails the attempt (cause ``runner-error``, message ``cannot
     start``); it is not a crash of the run."""
     runner = {"type": "command", "argv": [str(Path("/nonexistent/phalanx-agent"))]}
-    project = make_project(one_stage(runner, [{"id": "m"}]))
+    project = make_project(make_project.one_stage(runner, [{"id": "m"}]))
 
     (inst,) = project.run().stage("s").instances
 
@@ -173,7 +148,7 @@ def test_hostile_partition_values_reach_argv_and_stdin_literally(
         "import json, sys; sys.exit(json.load(open('argv.json'))[0] != sys.argv[1])",
         "{v}",
     ]
-    config = one_stage(
+    config = make_project.one_stage(
         runner,
         items,
         expect=("argv.json", "stdin.bin"),
@@ -208,7 +183,7 @@ def test_prompt_file_mode_writes_the_prompt_byte_for_byte(make_project: ProjectF
         "prompt": "file",
     }
     items: list[dict[str, object]] = [{"id": "f", "v": "tab\there; $(x)\n中文"}]
-    config = one_stage(
+    config = make_project.one_stage(
         runner, items, expect=("argv.json",), params={"V": "{v}"}, blueprint="agent.md"
     )
     project = make_project(config, {"agent.md": 'Prompt: {V}\n\n{"json": true}\n'})
@@ -229,7 +204,9 @@ def test_agent_that_never_reads_a_large_prompt_still_commits(
 ) -> None:
     """A 2 MiB prompt sent to an agent that ignores stdin and exits does not fail the attempt
     (the broken pipe is expected, not an error)."""
-    config = one_stage(make_project.runner("write"), [{"id": "big"}], blueprint="agent.md")
+    config = make_project.one_stage(
+        make_project.runner("write"), [{"id": "big"}], blueprint="agent.md"
+    )
     project = make_project(config, {"agent.md": "x" * (2 << 20) + "\n"})
 
     (inst,) = project.run().stage("s").instances
