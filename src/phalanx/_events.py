@@ -26,9 +26,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RunStarted:
+    """``stages`` are the stages this run will run, in dependency order; ``totals`` their
+    planned instance counts."""
+
     run_id: str
     pipeline: str
     stages: tuple[str, ...]
+    totals: tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,14 @@ class _Run:
         states = {stage.name: self._prepare(stage) for stage in selected}
         self.finished = {stage.name: asyncio.Event() for stage in selected}
         started = time.monotonic()
-        self.emit(RunStarted(self.run_id, self.plan.pipeline.config.name, tuple(states)))
+        self.emit(
+            RunStarted(
+                self.run_id,
+                self.plan.pipeline.config.name,
+                tuple(states),
+                tuple(len(stage.instances) for stage in selected),
+            )
+        )
         try:
             async with asyncio.TaskGroup() as group:
                 for name, state in states.items():

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._errors import UsageError
-from ._pipeline import Plan, load_pipeline, plan_pipeline
+from ._pipeline import InstancePlan, Plan, load_pipeline, plan_pipeline
 from ._results import RunResult
 from ._scaffold import write_starter
 from ._scheduler import RunHandle, check_runners, run_plan
@@ -173,14 +173,21 @@ def plan(pipeline: str, stages: tuple[str, ...], only: tuple[str, ...], as_json:
         if stage.expect:
             console.print(f"  expects: {', '.join(sorted(stage.expect))}", markup=False)
         for inst in stage.instances[:8]:
-            inputs = f" <- {len(inst.inputs)} inputs" if inst.inputs else ""
-            console.print(f"  {inst.key} -> {inst.output_rel}/{inputs}", markup=False)
+            console.print(f"  {inst.key} -> {inst.output_rel}/{_inputs(inst)}", markup=False)
         if len(stage.instances) > 8:
             console.print(f"  ... and {len(stage.instances) - 8} more", markup=False)
     console.print(
         "\nchecks passed: every instance owns a distinct output folder, none nested in "
         "another's, all inside the project; no stage reads its own outputs."
     )
+
+
+def _inputs(inst: InstancePlan) -> str:
+    if not inst.inputs:
+        return ""
+    names = ", ".join(f"{ref.stage}/{ref.key}" for ref in inst.inputs[:3])
+    more = f" and {len(inst.inputs) - 3} more" if len(inst.inputs) > 3 else ""
+    return f" <- {names}{more}"
 
 
 @cli.command()

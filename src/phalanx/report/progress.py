@@ -113,7 +113,10 @@ class Progress:
     def __call__(self, event: Event) -> None:
         now = time.monotonic()
         if isinstance(event, RunStarted):
-            self.rows = {name: _Row(name) for name in event.stages}
+            self.rows = {
+                name: _Row(name, total=total)
+                for name, total in zip(event.stages, event.totals, strict=True)
+            }
             self._print(f"run {event.run_id}: pipeline {event.pipeline}")
         elif isinstance(event, StageStarted):
             row = self.rows[event.stage]
