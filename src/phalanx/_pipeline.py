@@ -31,7 +31,7 @@ from ._config import (
 )
 from ._databus import expected_name
 from ._errors import CycleError, OutputConflictError, PipelineError
-from ._partitions import Partition, PartitionSource, check_unique, load_partitions, validate_key
+from ._partitions import Partition, PartitionSource, load_partitions, validate_key
 from ._templates import TemplateKeyError, TemplateSyntaxError, render_config, stringify
 from .runners._base import InputRef
 
@@ -521,9 +521,7 @@ class _Planner:
 
     def _rows(self, i: int, source: PartitionSource) -> list[Partition]:
         origin = self.where(i, "partitions")
-        rows = load_partitions(source, project_dir=self.root, origin=origin)
-        check_unique(rows, where=origin)
-        return rows
+        return load_partitions(source, project_dir=self.root, origin=origin)
 
     def _groups(
         self, i: int, stage: StageConfig, planned: Mapping[str, StagePlan]
