@@ -1,10 +1,10 @@
 """The scheduler: runs a planned pipeline.
 
 Stages start when the stages they need have passed their barrier, so independent stages run
-side by side under one global cap. Inside a stage every instance is launched at once as one
-task, in priority order; a per-stage and the global semaphore admit them (a slot refills the
-moment an instance ends). Each attempt runs under the stage's timeout, is validated, and is
-committed by an atomic rename. A failure is caught at the instance boundary: it becomes an
+side by side under one global cap. Inside a stage a feeder starts the instances in priority
+order, each the moment it holds a slot of the stage and one of the run (a sliding window: a slot
+refills the moment an instance ends, no waves). Each attempt runs under the stage's timeout, is
+validated, and is committed by an atomic rename. A failure is caught at the instance boundary: it becomes an
 outcome, is written to the notes, and is retried after a backoff with full jitter. Only a bug
 in phalanx itself cancels siblings.
 
