@@ -51,8 +51,10 @@ class Notes:
         message: str,
         detail: str,
         action: str,
+        logs: Path | None = None,
     ) -> None:
-        """Append one failed attempt to the journal."""
+        """Append one failed attempt to the journal. ``logs`` is the attempt's log folder
+        (prompt, stdout, stderr), named when the runner wrote one."""
         entry = (
             f"\n## {_now()} · {stage} · {key} · attempt {attempt}/{attempts}\n\n"
             f"- run: `{self.run_id}`\n"
@@ -60,6 +62,8 @@ class Notes:
             f"- message: {message}\n"
             f"- action: {action}\n"
         )
+        if logs is not None:
+            entry += f"- logs: `{logs}`\n"
         if detail.strip():
             entry += "\n" + _fence(detail)
         self.journal.parent.mkdir(parents=True, exist_ok=True)
@@ -134,4 +138,4 @@ def render_summary(result: StageResult, *, run_id: str) -> str:
         f"- effective speedup: {result.speedup:.1f}x",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n") + "\n"

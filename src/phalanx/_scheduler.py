@@ -4,9 +4,9 @@ Stages start when the stages they need have passed their barrier, so independent
 side by side under one global cap. Inside a stage a feeder starts the instances in priority
 order, each the moment it holds a slot of the stage and one of the run (a sliding window: a slot
 refills the moment an instance ends, no waves). Each attempt runs under the stage's timeout, is
-validated, and is committed by an atomic rename. A failure is caught at the instance boundary: it becomes an
-outcome, is written to the notes, and is retried after a backoff with full jitter. Only a bug
-in phalanx itself cancels siblings.
+validated, and is committed by an atomic rename. A failure is caught at the instance boundary:
+it becomes an outcome, is written to the notes, and is retried after a backoff with full jitter.
+Only a bug in phalanx itself cancels siblings.
 
 Stopping (Ctrl-C, SIGTERM, :meth:`RunHandle.stop`) cancels in-flight attempts — their staging
 folders are removed, a ``command`` agent's process group is killed — and marks everything not
@@ -440,6 +440,7 @@ class _Run:
             message=str(error),
             detail=error.detail,
             action="gave up" if delay is None else f"retrying in {delay:.1f}s",
+            logs=self._log_folder(stage.name, inst.key, attempt),
         )
         self.emit(
             AttemptEnded(
@@ -467,6 +468,14 @@ class _Run:
             if stage.on_failure == "abort" and state.abort_reason is None:
                 self._abort(state, inst.key)
         return delay
+
+    def _log_dir(self, stage: str, key: str, attempt: int) -> Path:
+        return Path(f"{self.logs}/{stage}/{key}/attempt-{attempt}")
+
+    def _log_folder(self, stage: str, key: str, attempt: int) -> Path | None:
+        """The attempt's log folder relative to the project, if its runner wrote one."""
+        folder = self._log_dir(stage, key, attempt)
+        return folder.relative_to(self.plan.project_dir) if folder.is_dir() else None
 
     def _abort(self, state: _StageState, key: str) -> None:
         state.abort_reason = f"aborted: {key!r} failed and the stage has on_failure: abort"
@@ -500,7 +509,7 @@ class _Run:
             inputs=inputs,
             missing=missing,
             project_dir=self.plan.project_dir,
-            log_dir=Path(f"{self.logs}/{stage.name}/{inst.key}/attempt-{attempt}"),
+            log_dir=self._log_dir(stage.name, inst.key, attempt),
             blueprint=stage.blueprint.path if stage.blueprint else None,
             timeout=stage.timeout,
         )

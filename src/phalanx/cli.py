@@ -120,6 +120,8 @@ def _print_summary(result: RunResult) -> None:
     for stage in result.stages:
         if stage.met_threshold:
             verdict = "ok"
+        elif stage.skipped_reason and not result.cancelled:
+            verdict = "[yellow]skipped: upstream failed[/yellow]"
         elif result.cancelled:
             verdict = "[yellow]stopped[/yellow]"
         else:
