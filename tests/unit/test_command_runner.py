@@ -44,7 +44,8 @@ def test_hanging_agent_and_its_child_die_on_timeout(
 
 def test_nonzero_exit_fails_with_code_and_stderr_tail(make_project: ProjectFactory) -> None:
     """An agent exiting 3 for some keys fails those with cause ``runner-error``, a message
-    saying ``exited with code 3`` and the tail of its stderr in the notes; the others commit."""
+    saying ``exited with code 3``, the tail of its stderr and its log folder in the notes; the
+    others commit."""
     runner = make_project.runner("write", "b=exit3", "d=exit3")
     items: list[dict[str, object]] = [{"id": k} for k in "abcde"]
     project = make_project(make_project.one_stage(runner, items))
@@ -64,6 +65,9 @@ def test_nonzero_exit_fails_with_code_and_stderr_tail(make_project: ProjectFacto
     (entry,) = project.entries("b")
     assert "agent b: problem line 3" in entry
     assert "agent b: giving up with code 3" in entry
+    logs = entry.split("- logs: `", 1)[1].split("`", 1)[0]
+    assert logs.endswith("/logs/s/b/attempt-1")
+    assert "agent b: problem line 3" in (project.root / logs / "stderr.log").read_text()
     assert project.dirs("data") == ["a", "c", "e"]
 
 
