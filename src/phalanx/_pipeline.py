@@ -50,6 +50,7 @@ STATE_DIR = ".phalanx"
 """phalanx's own folder inside a project: staging directories, logs, run records."""
 
 _RUNNER_ADAPTER: TypeAdapter[RunnerConfig] = TypeAdapter(RunnerConfig)
+_RUNNER_TYPES = ["python", "command"]
 
 StageKind = Literal["map", "group", "single", "follow"]
 _Seed = tuple[str, float, Mapping[str, object], tuple[InputRef, ...]]
@@ -506,18 +507,25 @@ class _Planner:
                 "e.g. runner: {type: python, function: agents:run} or "
                 "runner: {type: command, argv: [python, agent.py]}"
             )
+        where = (
+            self.where(i, "runner") if stage.runner else self.pipeline.where("defaults", "runner")
+        )
+        kind = merged.get("type")
+        if kind not in _RUNNER_TYPES:
+            hint = difflib.get_close_matches(str(kind), _RUNNER_TYPES, n=1)
+            fix = f"did you mean {hint[0]!r}? " if hint else ""
+            raise PipelineError(
+                f"{where}: unknown runner type {kind!r}; {fix}runners: {', '.join(_RUNNER_TYPES)}"
+                " (the anthropic, openai and claude-code runners are not available yet)"
+            )
         try:
             return _RUNNER_ADAPTER.validate_python(merged)
         except ValidationError as exc:
-            loc = ("runner",) if stage.runner else ()
-            where = self.where(i, *loc) if loc else self.pipeline.where("defaults", "runner")
             details = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'][1:]) or 'type'}: {e['msg']}"
                 for e in exc.errors()
             )
-            raise PipelineError(
-                f"{where}: invalid runner settings: {details} (runners: python, command)"
-            ) from None
+            raise PipelineError(f"{where}: invalid {kind} runner settings: {details}") from None
 
     def _rows(self, i: int, source: PartitionSource) -> list[Partition]:
         origin = self.where(i, "partitions")

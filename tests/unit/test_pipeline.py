@@ -489,3 +489,15 @@ def test_unsafe_group_value_is_refused(tmp_path: Path) -> None:
         """,
     )
     assert "group value '../up'" in message
+
+
+def test_runner_type_typos_and_bad_settings(tmp_path: Path) -> None:
+    """An unknown runner type suggests the near one; bad settings name the field."""
+    stage = "  - {name: a, partitions: [x], output: 'a/{value}/'}\n"
+    message = refuse(tmp_path, "name: p\ndefaults: {runner: {type: pyhton}}\nstages:\n" + stage)
+    assert "pipeline.yaml:2: defaults.runner: unknown runner type 'pyhton'" in message
+    assert "did you mean 'python'?" in message
+    message = refuse(
+        tmp_path, "name: p\ndefaults: {runner: {type: command, argv: []}}\nstages:\n" + stage
+    )
+    assert "invalid command runner settings: argv:" in message
