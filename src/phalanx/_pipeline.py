@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from ._blueprint import Blueprint, load_blueprint
 from ._config import (
     Backoff,
+    Defaults,
     ExpectSpec,
+    GroupBy,
     PipelineConfig,
     RunnerConfig,
     StageConfig,
@@ -199,29 +201,23 @@ def _format_validation(
     return f"{display}: {head}\n  " + "\n  ".join(problems)
 
 
-_KNOWN_FIELDS: dict[tuple[str, ...], list[str]] = {
-    (): list(PipelineConfig.model_fields),
-    ("stages",): [f.alias or n for n, f in StageConfig.model_fields.items()],
-    ("defaults",): [
-        "runner",
-        "prompt",
-        "concurrency",
-        "retries",
-        "timeout",
-        "on_failure",
-        "min_success",
-        "backoff",
-    ],
-    ("partitions",): [f.alias or n for n, f in PartitionSource.model_fields.items()],
-    ("backoff",): list(Backoff.model_fields),
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "stages": StageConfig,
+    "defaults": Defaults,
+    "partitions": PartitionSource,
+    "backoff": Backoff,
+    "group_by": GroupBy,
+    "expect": ExpectSpec,
 }
 
 
 def _unknown_field_message(name: str, parent: tuple[str | int, ...]) -> str:
-    words = [p for p in parent if isinstance(p, str)]
-    known = _KNOWN_FIELDS.get(tuple(words[-1:]), []) if words else _KNOWN_FIELDS[()]
-    if words == ["stages"] or (parent and parent[0] == "stages" and len(parent) == 2):
-        known = _KNOWN_FIELDS[("stages",)]
+    """``unknown field 'concurency'; did you mean 'concurrency'?`` for the section at ``parent``."""
+    words = [part for part in parent if isinstance(part, str)]
+    if len(words) > 1 and words[-2] == "expect":
+        words.pop()  # the last word is an expected file's name
+    model = _SECTIONS.get(words[-1], PipelineConfig) if words else PipelineConfig
+    known = [spec.alias or field for field, spec in model.model_fields.items()]
     hint = difflib.get_close_matches(name, known, n=1)
     fix = f"did you mean {hint[0]!r}?" if hint else f"known fields: {', '.join(known)}"
     return f"unknown field {name!r}; {fix}"

@@ -501,3 +501,23 @@ def test_runner_type_typos_and_bad_settings(tmp_path: Path) -> None:
         tmp_path, "name: p\ndefaults: {runner: {type: command, argv: []}}\nstages:\n" + stage
     )
     assert "invalid command runner settings: argv:" in message
+
+
+def test_unknown_fields_in_every_section_get_their_suggestion(tmp_path: Path) -> None:
+    """A typo is matched against the fields of the section it is in, every problem listed."""
+    message = refuse(
+        tmp_path,
+        f"""\
+        name: p
+        defaults: {{{RUNNER}, backoff: {{bse: 1s}}}}
+        stages:
+          - name: a
+            partitions: {{items: [x], keyy: value}}
+            output: a/{{value}}/
+            expect: {{a.json: {{shema: s.json}}}}
+        """,
+    )
+    assert "3 problems" in message
+    assert "defaults.backoff.bse: unknown field 'bse'; did you mean 'base'?" in message
+    assert "partitions.keyy: unknown field 'keyy'; did you mean 'key'?" in message
+    assert "expect.a.json.shema: unknown field 'shema'; did you mean 'schema'?" in message
