@@ -18,6 +18,7 @@ import os
 import posixpath
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,30 @@ def _schema_problems(path: Path, name: str, validator: jsonschema.protocols.Vali
     return [f"{name}: {error.json_path}: {error.message}" for error in errors[:3]]
 
 
+_OWNER = ".owner"
+_UNOWNED_GRACE_S = 3600.0
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether a run's staging folder belongs to a process that no longer exists."""
+    try:
+        pid = int((folder / _OWNER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        try:
+            return time.time() - folder.stat().st_mtime > _UNOWNED_GRACE_S
+        except OSError:
+            return False
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, and someone else's
+    return False
+
+
 class DataBus:
     """Staging folders and commits for one run of one project."""
 
@@ -280,6 +305,21 @@ class DataBus:
         """Remove an attempt's staging folder, if it is still there."""
         if os.path.lexists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+    def open(self) -> None:
+        """Claim this run's staging folder, and sweep the ones runs that died left behind.
+
+        Each run writes its process id into ``.owner`` in its staging folder; a folder whose
+        owner is gone (a ``kill -9``, a power cut) holds only half-written attempts that never
+        became visible, and is removed, together with its trash. A folder without an owner file
+        is left alone unless it is an hour old: it may belong to a run that is just starting.
+        """
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+        (self.staging_root / _OWNER).write_text(str(os.getpid()), encoding="utf-8")
+        for folder in self.staging_root.parent.iterdir():
+            if folder != self.staging_root and _abandoned(folder):
+                shutil.rmtree(self.trash_root.parent / folder.name, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
         """Remove this run's (now empty) staging and trash folders."""

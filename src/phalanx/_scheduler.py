@@ -216,6 +216,7 @@ class _Run:
         states = {stage.name: self._prepare(stage) for stage in selected}
         self.finished = {stage.name: asyncio.Event() for stage in selected}
         started = time.monotonic()
+        await self._io(self.bus.open)
         self.emit(
             RunStarted(
                 self.run_id,

@@ -39,7 +39,8 @@ def visible(project: Project) -> list[Path]:
 def test_kill_9_mid_run_leaves_only_complete_outputs(make_project: ProjectFactory) -> None:
     """While agents write their two files slowly, every output folder that ever becomes visible
     is complete; after SIGKILL of the orchestrator (with some outputs committed and others in
-    flight) still only complete folders exist; a second run commits every partition."""
+    flight) still only complete folders exist; a second run commits every partition and sweeps
+    the dead run's staging folder."""
     runner = make_project.runner("--pids", str(make_project.pids), "--delay", "0.4", "slow")
     project = make_project(make_project.one_stage(runner, KEYS, concurrency=4))
 
@@ -63,12 +64,14 @@ def test_kill_9_mid_run_leaves_only_complete_outputs(make_project: ProjectFactor
     folders = visible(project)
     assert 3 <= len(folders) < len(KEYS)
     assert [f.name for f in folders if not complete(f)] == []
+    assert project.staging_leftovers() != []  # the killed run's half-written attempts
 
     rerun = project.cli("run", "pipeline.yaml", "--quiet")
 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert [f.name for f in visible(project)] == KEYS
     assert all(complete(f) for f in visible(project))
+    assert project.staging_leftovers() == []  # swept: their owner died
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
