@@ -13,11 +13,11 @@ EXPECTED = {
     "ConfinementError", "CycleError", "Event", "EventHandler", "ExpectSpec", "InputRef",
     "InstanceContext", "InstanceEnded", "InstanceError", "InstancePlan", "InstanceResult",
     "OutputConflictError", "OutputInvalidError", "Partition", "PartitionError",
-    "PartitionKeyError", "PartitionSource", "PhalanxError", "Pipeline", "PipelineError", "Plan",
-    "RunEnded", "RunHandle", "RunResult", "RunStarted", "Runner", "RunnerError", "RunnerTimeout",
-    "StageEnded", "StagePlan", "StageResult", "StageStarted", "UnknownPluginError", "UsageError",
-    "fan_out", "load_blueprint", "load_partitions", "load_pipeline", "plan_pipeline",
-    "run_pipeline", "run_plan",
+    "PartitionKeyError", "PartitionSource", "PermanentError", "PhalanxError", "Pipeline",
+    "PipelineError", "Plan", "RateLimited", "RunEnded", "RunHandle", "RunResult", "RunStarted",
+    "Runner", "RunnerError", "RunnerTimeout", "StageEnded", "StagePlan", "StageResult",
+    "StageStarted", "UnknownPluginError", "UsageError", "fan_out", "load_blueprint",
+    "load_partitions", "load_pipeline", "plan_pipeline", "run_pipeline", "run_plan",
 }  # fmt: skip
 
 
@@ -35,6 +35,8 @@ def test_all_is_exactly_the_public_names() -> None:
     [
         phalanx.RunnerError("boom", detail="stderr tail"),
         phalanx.RunnerTimeout("slow"),
+        phalanx.RateLimited("429", retry_after=2.5),
+        phalanx.PermanentError("400: bad request"),
         phalanx.OutputInvalidError("bad json"),
         phalanx.ConfinementError("symlink"),
         phalanx.PipelineError("pipeline.yaml:3: bad"),
@@ -50,6 +52,8 @@ def test_errors_pickle_with_their_details(error: phalanx.PhalanxError) -> None:
         assert isinstance(copy, phalanx.InstanceError)
         assert copy.detail == error.detail
         assert copy.cause == error.cause
+        assert copy.retry_after == error.retry_after
+        assert copy.retryable == error.retryable
 
 
 def test_usage_and_instance_errors_are_distinct_families() -> None:

@@ -20,8 +20,10 @@ __all__ = [
     "OutputInvalidError",
     "PartitionError",
     "PartitionKeyError",
+    "PermanentError",
     "PhalanxError",
     "PipelineError",
+    "RateLimited",
     "RunnerError",
     "RunnerTimeout",
     "UnknownPluginError",
@@ -74,26 +76,36 @@ class UnknownPluginError(UsageError):
 class InstanceError(PhalanxError):
     """One attempt of one instance failed. Retried by policy, then recorded with its cause.
 
-    ``cause`` is a short, stable class name for grouping failures (``timeout``, ``exit-code``,
-    ``output-invalid``, ...); the message says what happened in words.
+    ``cause`` is a short, stable class name for grouping failures (``timeout``,
+    ``runner-error``, ``output-invalid``, ...); the message says what happened in words.
+    ``retry_after`` (seconds), when given, is the least the next attempt must wait, whatever
+    the backoff draws (a provider's ``retry-after``). An error with ``retryable`` false ends the
+    instance at once: retrying cannot help (a 400, an unknown model).
     """
 
     cause = "error"
+    retryable = True
 
-    def __init__(self, message: str, *, detail: str = "") -> None:
-        super().__init__(message, detail)
+    def __init__(self, message: str, *, detail: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message, detail, retry_after)
         self.message = message
         self.detail = detail
+        self.retry_after = retry_after
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_instance_error, (type(self), self.message, self.detail))
+        return (
+            _rebuild_instance_error,
+            (type(self), self.message, self.detail, self.retry_after),
+        )
 
     def __str__(self) -> str:
         return self.message
 
 
-def _rebuild_instance_error(cls: type[InstanceError], message: str, detail: str) -> InstanceError:
-    return cls(message, detail=detail)
+def _rebuild_instance_error(
+    cls: type[InstanceError], message: str, detail: str, retry_after: float | None
+) -> InstanceError:
+    return cls(message, detail=detail, retry_after=retry_after)
 
 
 class RunnerError(InstanceError):
@@ -107,6 +119,21 @@ class RunnerTimeout(RunnerError):
     whole process group is killed)."""
 
     cause = "timeout"
+
+
+class RateLimited(RunnerError):
+    """The provider refused the call for now (429, 529, 503); ``retry_after`` says how long it
+    asked us to wait, when it said."""
+
+    cause = "rate-limited"
+
+
+class PermanentError(RunnerError):
+    """The attempt failed in a way another attempt cannot fix (a 400, a 404, an unknown model):
+    the instance fails without retrying."""
+
+    cause = "permanent"
+    retryable = False
 
 
 class OutputInvalidError(InstanceError):

@@ -430,8 +430,15 @@ class _Run:
         """Journal a failed attempt; returns the backoff before the next one, or ``None`` when
         the instance has failed for good (and then records that, aborting if asked)."""
         stage = state.plan
-        last = attempt == total or self.stopping or state.abort_reason is not None
-        delay = None if last else backoff_delay(stage.backoff, attempt, self.rng)
+        last = (
+            attempt == total
+            or not error.retryable
+            or self.stopping
+            or state.abort_reason is not None
+        )
+        delay = None
+        if not last:
+            delay = max(backoff_delay(stage.backoff, attempt, self.rng), error.retry_after or 0.0)
         self.notes.failure(
             stage=stage.name,
             key=inst.key,
