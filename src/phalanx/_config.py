@@ -22,11 +22,13 @@ from pydantic import (
 from ._partitions import PartitionSource
 
 __all__ = [
+    "AnthropicRunnerConfig",
     "Backoff",
     "CommandRunnerConfig",
     "Defaults",
     "ExpectSpec",
     "GroupBy",
+    "OpenAIRunnerConfig",
     "PipelineConfig",
     "PythonRunnerConfig",
     "RunnerConfig",
@@ -78,7 +80,38 @@ class CommandRunnerConfig(_Model):
     kill_grace: Duration = 2.0
 
 
-RunnerConfig = Annotated[PythonRunnerConfig | CommandRunnerConfig, Field(discriminator="type")]
+class _LLMRunnerConfig(_Model):
+    """Settings shared by the LLM runners."""
+
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str
+    max_turns: int = Field(default=30, ge=1)
+    max_tokens: int = Field(default=8192, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+
+
+class AnthropicRunnerConfig(_LLMRunnerConfig):
+    """``runner: {type: anthropic, model: claude-sonnet-4-5}``: the Messages API with phalanx's
+    file tools. ``model`` defaults to the blueprint's."""
+
+    type: Literal["anthropic"] = "anthropic"
+    api_key_env: str = "ANTHROPIC_API_KEY"
+
+
+class OpenAIRunnerConfig(_LLMRunnerConfig):
+    """``runner: {type: openai, model: gpt-5-mini, base_url: ...}``: Chat Completions with
+    phalanx's file tools, against OpenAI or any compatible server (vLLM, Ollama, llama.cpp,
+    LM Studio)."""
+
+    type: Literal["openai"] = "openai"
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+RunnerConfig = Annotated[
+    PythonRunnerConfig | CommandRunnerConfig | AnthropicRunnerConfig | OpenAIRunnerConfig,
+    Field(discriminator="type"),
+]
 
 
 class Backoff(_Model):

@@ -72,6 +72,10 @@ class OutputRules:
         self.check = check
         self.check_timeout = check_timeout
 
+    def names(self, values: Mapping[str, object]) -> tuple[str, ...]:
+        """The expected file names of one instance (templates rendered with its values)."""
+        return tuple(expected_name(template, values) for template in self.expect)
+
     def cheap(self, files: Mapping[str, int]) -> bool:
         """Whether validating ``files`` is quick enough to do on the event loop: no check
         command to wait for, and little JSON to parse. Handing a few syscalls to a thread

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from .runners._base import Usage
 
 __all__ = ["AttemptRecord", "InstanceResult", "RunResult", "StageResult", "Status"]
 
@@ -20,6 +23,7 @@ class AttemptRecord:
     duration_s: float
     cause: str | None = None
     message: str = ""
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class InstanceResult:
     def duration_s(self) -> float:
         """Time spent running attempts (not waiting for a slot or a retry)."""
         return sum(a.duration_s for a in self.attempts)
+
+    @property
+    def usage(self) -> Usage:
+        """What every attempt of this instance spent, failed ones included."""
+        return _total(a.usage for a in self.attempts)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -98,6 +107,10 @@ class StageResult:
         """Effective speedup: serial time over wall time."""
         return self.sum_instance_s / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def usage(self) -> Usage:
+        return _total(inst.usage for inst in self.instances)
+
     def slowest(self, n: int = 5) -> list[InstanceResult]:
         ran = [inst for inst in self.instances if inst.attempts]
         return sorted(ran, key=lambda inst: inst.duration_s, reverse=True)[:n]
@@ -114,6 +127,7 @@ class StageResult:
             "wall_s": round(self.wall_s, 6),
             "sum_instance_s": round(self.sum_instance_s, 6),
             "skipped_reason": self.skipped_reason,
+            "usage": self.usage.to_json(),
             "failures": [inst.to_json() for inst in self.instances if inst.status == "failed"],
         }
 
@@ -150,5 +164,14 @@ class RunResult:
             "stop_reason": self.stop_reason,
             "wall_s": round(self.wall_s, 6),
             "notes": str(self.notes) if self.notes else None,
+            "usage": _total(stage.usage for stage in self.stages).to_json(),
             "stages": [stage.to_json() for stage in self.stages],
         }
+
+
+def _total(parts: Iterable[Usage | None]) -> Usage:
+    total = Usage()
+    for part in parts:
+        if part is not None:
+            total.add(part)
+    return total

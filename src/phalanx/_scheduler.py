@@ -76,7 +76,13 @@ def _stage_tools(plan: Plan, stage: StagePlan, given: Runner | None) -> tuple[Ru
     runner = given
     if runner is None:
         where = plan.pipeline.where("stages", plan.index(stage.name), "runner")
-        runner = create_runner(stage.runner, project_dir=plan.project_dir, where=where)
+        runner = create_runner(
+            stage.runner,
+            project_dir=plan.project_dir,
+            where=where,
+            blueprint_model=stage.blueprint.model if stage.blueprint else None,
+            reference=stage.prompt_mode == "reference",
+        )
     schemas = {
         name: load_schema(path, display=str(path.relative_to(plan.project_dir)))
         for name, path in stage.schemas.items()
@@ -520,6 +526,8 @@ class _Run:
             log_dir=self._log_dir(stage.name, inst.key, attempt),
             blueprint=stage.blueprint.path if stage.blueprint else None,
             timeout=stage.timeout,
+            expected=state.rules.names(inst.values),
+            reads=tuple(stage.config.reads),
         )
         self.emit(AttemptStarted(stage.name, inst.key, attempt))
         wall = time.time()
@@ -527,7 +535,7 @@ class _Run:
 
         def committed() -> None:
             duration = time.monotonic() - started
-            attempts.append(AttemptRecord(attempt, wall, duration))
+            attempts.append(AttemptRecord(attempt, wall, duration, usage=ctx.usage or None))
             self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
             state.outcomes[inst.key] = self._ended(
                 InstanceResult(stage.name, inst.key, "committed", inst.output, tuple(attempts))
@@ -564,7 +572,9 @@ class _Run:
                 self.bus.discard(staging)
         if error is not None:
             duration = time.monotonic() - started
-            attempts.append(AttemptRecord(attempt, wall, duration, error.cause, str(error)))
+            attempts.append(
+                AttemptRecord(attempt, wall, duration, error.cause, str(error), ctx.usage or None)
+            )
         return error
 
     async def _check_inputs_untouched(self, before: Snapshot, folders: list[Path]) -> None:

@@ -4,20 +4,48 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._config import CommandRunnerConfig, PythonRunnerConfig, RunnerConfig
-from .._errors import UnknownPluginError
-from ._base import InputRef, InstanceContext, Runner
+from .._config import (
+    AnthropicRunnerConfig,
+    CommandRunnerConfig,
+    PythonRunnerConfig,
+    RunnerConfig,
+)
+from .._errors import UsageError
+from ._base import InputRef, InstanceContext, Runner, Usage
 from .command import CommandRunner
 from .python import PythonRunner, import_callable
 
-__all__ = ["InputRef", "InstanceContext", "Runner", "create_runner"]
+__all__ = ["InputRef", "InstanceContext", "Runner", "Usage", "create_runner"]
 
 
-def create_runner(config: RunnerConfig, *, project_dir: Path, where: str) -> Runner:
-    """A runner for one stage. ``where`` names the stage's runner setting in messages."""
+def create_runner(
+    config: RunnerConfig,
+    *,
+    project_dir: Path,
+    where: str,
+    blueprint_model: str | None = None,
+    reference: bool = False,
+) -> Runner:
+    """A runner for one stage. ``where`` names the stage's runner setting in messages; an LLM
+    runner without a ``model`` takes the blueprint's; ``reference`` says the prompt is the
+    reference-mode wording rather than the rendered blueprint."""
     if isinstance(config, PythonRunnerConfig):
         function = import_callable(config.function, project_dir=project_dir, what=where)
         return PythonRunner(function)
     if isinstance(config, CommandRunnerConfig):
         return CommandRunner(config)
-    raise UnknownPluginError(f"{where}: unknown runner type {config.type!r}")  # pragma: no cover
+    model = config.model or blueprint_model
+    if not model:
+        raise UsageError(
+            f"{where}: no model: set `model:` in the runner settings or in the blueprint"
+        )
+    try:
+        if isinstance(config, AnthropicRunnerConfig):
+            from ._anthropic import AnthropicRunner  # noqa: PLC0415 - loads an optional SDK
+
+            return AnthropicRunner(config, model=model, reference=reference)
+        from ._openai import OpenAIRunner  # noqa: PLC0415 - loads an optional SDK
+
+        return OpenAIRunner(config, model=model, reference=reference)
+    except UsageError as exc:
+        raise type(exc)(f"{where}: {exc}") from None

@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-__all__ = ["InputRef", "InstanceContext", "Runner"]
+__all__ = ["InputRef", "InstanceContext", "Runner", "Usage"]
+
+
+@dataclass
+class Usage:
+    """What an attempt consumed from its model provider; runners add to it as they go, so a
+    failed attempt's spending is counted too. ``input_tokens`` excludes cached tokens (read or
+    written), whatever the provider's own convention."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
+    def to_json(self) -> dict[str, int]:
+        return {item.name: getattr(self, item.name) for item in fields(self)}
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, item.name) for item in fields(self))
 
 
 @dataclass(frozen=True)
@@ -29,6 +52,9 @@ class InstanceContext:
     ``final_dir`` in one atomic rename. ``inputs`` are the committed outputs of upstream
     instances this instance reads (for a group: its members, in plan order); read them, never
     write them. ``missing`` names upstream instances this one would read but that did not commit.
+    ``expected`` are the file names the stage expects in ``output_dir``; ``reads`` the
+    project-relative reference paths the stage declares. LLM runners add what they spend to
+    ``usage``.
     """
 
     run_id: str
@@ -45,6 +71,9 @@ class InstanceContext:
     log_dir: Path
     blueprint: Path | None
     timeout: float
+    expected: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    usage: Usage = field(default_factory=Usage)
 
 
 class Runner(abc.ABC):

@@ -1,0 +1,149 @@
+"""The ``anthropic`` runner: the Messages API with phalanx's file tools.
+
+The blueprint is the system prompt (inline mode), or the instance is told which blueprint file
+to read (reference mode). The conversation runs until the model ends its turn, ``max_turns``,
+or ``max_tokens``. The SDK's own retries are off (``max_retries=0``) so every 429 and 529
+reaches phalanx's scheduler, which backs off and honours ``retry-after``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._config import AnthropicRunnerConfig
+from .._errors import RunnerError, UnknownPluginError
+from ._base import InstanceContext, Runner, Usage
+from ._llm import (
+    REFERENCE_SYSTEM,
+    Transcript,
+    api_key,
+    classify_status,
+    file_tools,
+    provider_message,
+    retry_after_seconds,
+    task_message,
+)
+
+if TYPE_CHECKING:
+    import anthropic
+
+__all__ = ["AnthropicRunner"]
+
+
+def _sdk() -> Any:
+    try:
+        import anthropic  # noqa: PLC0415 - an optional extra, imported when the runner is used
+    except ImportError:
+        raise UnknownPluginError(
+            "the anthropic runner needs the Anthropic SDK: pip install 'phalanx[anthropic]'"
+        ) from None
+    return anthropic
+
+
+class AnthropicRunner(Runner):
+    """Runs an instance as a Messages conversation; see the module docstring."""
+
+    type = "anthropic"
+
+    def __init__(self, config: AnthropicRunnerConfig, *, model: str, reference: bool) -> None:
+        self.sdk = _sdk()
+        self.config = config
+        self.model = model
+        self.reference = reference
+        key = api_key(config.api_key_env, base_url=config.base_url, runner="anthropic")
+        self.client: anthropic.AsyncAnthropic = self.sdk.AsyncAnthropic(
+            api_key=key, base_url=config.base_url, max_retries=0
+        )
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    async def run(self, ctx: InstanceContext) -> None:
+        tools = file_tools(ctx)
+        system = REFERENCE_SYSTEM if self.reference else ctx.prompt
+        user = task_message(ctx, tools)
+        if self.reference:
+            user = ctx.prompt + "\n\n" + user
+        messages: list[dict[str, Any]] = [{"role": "user", "content": user}]
+        transcript = Transcript(ctx)
+        try:
+            transcript.write("request", model=self.model, system=system, messages=messages)
+            for _turn in range(self.config.max_turns):
+                reply = await self._create(
+                    system, messages, tools.definitions("anthropic"), ctx.usage
+                )
+                blocks = [_echo(block) for block in reply.content]
+                messages.append({"role": "assistant", "content": blocks})
+                transcript.write("assistant", content=blocks, stop_reason=reply.stop_reason)
+                calls = [block for block in reply.content if block.type == "tool_use"]
+                if not calls:
+                    return
+                results = []
+                for call in calls:
+                    result = tools.call(call.name, call.input)
+                    transcript.write(
+                        "tool", name=call.name, error=result.is_error, result=result.text[:2000]
+                    )
+                    results.append(
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": call.id,
+                            "content": result.text,
+                            "is_error": result.is_error,
+                        }
+                    )
+                messages.append({"role": "user", "content": results})
+            raise RunnerError(
+                f"the model was still calling tools after max_turns={self.config.max_turns}"
+            )
+        finally:
+            transcript.close()
+
+    async def _create(
+        self,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        usage: Usage,
+    ) -> Any:
+        extra: dict[str, Any] = {}
+        if self.config.temperature is not None:
+            extra["temperature"] = self.config.temperature
+        sdk = self.sdk
+        try:
+            reply = await self.client.messages.create(
+                model=self.model,
+                system=system,
+                messages=messages,  # type: ignore[arg-type]
+                tools=tools,  # type: ignore[arg-type]
+                max_tokens=self.config.max_tokens,
+                **extra,
+            )
+        except sdk.APIStatusError as exc:
+            raise classify_status(
+                exc.status_code,
+                provider_message(exc.body, str(exc.message)),
+                retry_after=retry_after_seconds(exc.response.headers),
+            ) from exc
+        except sdk.APIConnectionError as exc:  # includes timeouts
+            raise RunnerError(f"connection to the model failed: {exc}") from exc
+        usage.requests += 1
+        used = reply.usage
+        usage.input_tokens += used.input_tokens
+        usage.output_tokens += used.output_tokens
+        usage.cache_read_tokens += used.cache_read_input_tokens or 0
+        usage.cache_write_tokens += used.cache_creation_input_tokens or 0
+        return reply
+
+
+def _echo(block: Any) -> dict[str, Any]:
+    """An assistant content block as it is sent back in the next request. A tool call whose
+    input is not an object (a malformed call) is echoed with an empty one; the tool result then
+    tells the model what was wrong."""
+    if block.type == "text":
+        return {"type": "text", "text": block.text}
+    if block.type == "tool_use":
+        arguments = block.input if isinstance(block.input, dict) else {}
+        return {"type": "tool_use", "id": block.id, "name": block.name, "input": arguments}
+    dumped: dict[str, Any] = block.model_dump(exclude_none=True)
+    return dumped

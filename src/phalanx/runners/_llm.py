@@ -1,0 +1,146 @@
+"""What the LLM runners share: the messages an instance starts from, its file tools, how a
+provider's errors map onto phalanx's, and the transcript of an attempt."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._errors import PermanentError, RateLimited, RunnerError, UsageError
+from .._templates import stringify
+from ._base import InstanceContext
+from .tools import FileTools
+
+__all__ = [
+    "REFERENCE_SYSTEM",
+    "Transcript",
+    "api_key",
+    "classify_status",
+    "file_tools",
+    "provider_message",
+    "retry_after_seconds",
+    "task_message",
+]
+
+REFERENCE_SYSTEM = (
+    "You are one instance of an agent that phalanx runs in parallel, one per data partition. "
+    "Your task message tells you which blueprint to read and the parameters to apply. Use the "
+    "file tools: read_file to read the blueprint and your inputs, write_file to write every "
+    "output file into your output folder."
+)
+
+
+def api_key(env: str, *, base_url: str | None, runner: str) -> str:
+    """The API key from environment variable ``env``. A local server (``base_url`` set) often
+    needs none; then any placeholder will do."""
+    key = os.environ.get(env, "")
+    if key:
+        return key
+    if base_url:
+        return "not-needed"
+    raise UsageError(
+        f"the {runner} runner needs an API key: set {env} (or set `api_key_env:` to the name "
+        "of the variable that holds it, or `base_url:` for a local server)"
+    )
+
+
+def file_tools(ctx: InstanceContext) -> FileTools:
+    """The attempt's tools: its staging folder, its inputs under ``inputs/STAGE/KEY``, the
+    stage's declared reads, and (in reference mode) its blueprint, all read-only."""
+    mounts: dict[str, Path] = {f"inputs/{ref.stage}/{ref.key}": ref.path for ref in ctx.inputs}
+    for rel in ctx.reads:
+        mounts[rel] = ctx.project_dir / rel
+    if ctx.blueprint is not None and ctx.blueprint.is_relative_to(ctx.project_dir):
+        mounts[ctx.blueprint.relative_to(ctx.project_dir).as_posix()] = ctx.blueprint
+    return FileTools(ctx.output_dir, mounts)
+
+
+def task_message(ctx: InstanceContext, tools: FileTools) -> str:
+    """The user message that starts an instance: who it is, its parameters, what to write."""
+    lines = [f"You are instance `{ctx.key}` of stage `{ctx.stage}` (attempt {ctx.attempt})."]
+    params = [
+        f"- {name}: {stringify(value)}"
+        for name, value in ctx.params.items()
+        if name.isupper() and name.isidentifier()
+    ]
+    if params:
+        lines += ["", "Parameters:", *params]
+    lines += [
+        "",
+        "Write every output file with the write_file tool; paths are relative to your output "
+        "folder.",
+    ]
+    if ctx.expected:
+        lines.append("Expected files: " + ", ".join(f"`{name}`" for name in ctx.expected) + ".")
+    if tools.mounts:
+        lines += [
+            "",
+            "You may read (read_file, list_files), read-only:",
+            *(f"- `{name}`" for name in sorted(tools.mounts)),
+        ]
+    if ctx.missing:
+        lines.append("These inputs did not complete and are absent: " + ", ".join(ctx.missing))
+    lines += ["", "When every file is written, reply with one short sentence and stop."]
+    return "\n".join(lines)
+
+
+def classify_status(
+    status: int, message: str, *, retry_after: float | None = None, code: str | None = None
+) -> RunnerError:
+    """A provider's HTTP error as a phalanx error: 429/529/503 wait and retry, other 5xx
+    retry, 4xx (auth, bad request, unknown model, no quota) cannot be fixed by retrying."""
+    text = f"{status}: {message}"
+    if code == "insufficient_quota":
+        return PermanentError(f"{text} (billing: the account has no quota left)")
+    if status in (429, 503, 529):
+        return RateLimited(text, retry_after=retry_after)
+    if status >= 500 or status == 408:
+        return RunnerError(text, retry_after=retry_after)
+    return PermanentError(text)
+
+
+def provider_message(body: object, fallback: str) -> str:
+    """The words of a provider's error body (Anthropic ``{"error": {"message"}}``, OpenAI's
+    error object), without the SDK's ``Error code: 500 -`` prefix."""
+    if isinstance(body, Mapping):
+        inner = body.get("error")
+        if isinstance(inner, Mapping) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+        if isinstance(body.get("message"), str):
+            return str(body["message"])
+    return fallback
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """``retry-after`` (seconds, or ``retry-after-ms``) from a response's headers."""
+    if not headers:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                return None
+    return None
+
+
+class Transcript:
+    """The attempt's conversation, one JSON object a line, in ``transcript.jsonl`` beside its
+    other logs. Only what the model saw and said: no headers, no keys."""
+
+    def __init__(self, ctx: InstanceContext) -> None:
+        self.path = ctx.log_dir / "transcript.jsonl"
+        ctx.log_dir.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("w", encoding="utf-8")
+
+    def write(self, kind: str, **data: Any) -> None:
+        self._handle.write(json.dumps({"kind": kind, **data}, ensure_ascii=False, default=str))
+        self._handle.write("\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()

@@ -1,0 +1,144 @@
+"""The ``openai`` runner: Chat Completions with phalanx's file tools.
+
+Works against OpenAI and every server that speaks its API (vLLM, Ollama, llama.cpp's server,
+LM Studio): set ``base_url``. The SDK's own retries are off (``max_retries=0``) so every 429 and
+5xx reaches phalanx's scheduler, which backs off and honours ``retry-after``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .._config import OpenAIRunnerConfig
+from .._errors import RunnerError, UnknownPluginError
+from ._base import InstanceContext, Runner, Usage
+from ._llm import (
+    REFERENCE_SYSTEM,
+    Transcript,
+    api_key,
+    classify_status,
+    file_tools,
+    provider_message,
+    retry_after_seconds,
+    task_message,
+)
+
+if TYPE_CHECKING:
+    import openai
+
+__all__ = ["OpenAIRunner"]
+
+
+def _sdk() -> Any:
+    try:
+        import openai  # noqa: PLC0415 - an optional extra, imported when the runner is used
+    except ImportError:
+        raise UnknownPluginError(
+            "the openai runner needs the OpenAI SDK: pip install 'phalanx[openai]'"
+        ) from None
+    return openai
+
+
+class OpenAIRunner(Runner):
+    """Runs an instance as a Chat Completions conversation; see the module docstring."""
+
+    type = "openai"
+
+    def __init__(self, config: OpenAIRunnerConfig, *, model: str, reference: bool) -> None:
+        self.sdk = _sdk()
+        self.config = config
+        self.model = model
+        self.reference = reference
+        key = api_key(config.api_key_env, base_url=config.base_url, runner="openai")
+        self.client: openai.AsyncOpenAI = self.sdk.AsyncOpenAI(
+            api_key=key, base_url=config.base_url, max_retries=0
+        )
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    async def run(self, ctx: InstanceContext) -> None:
+        tools = file_tools(ctx)
+        system = REFERENCE_SYSTEM if self.reference else ctx.prompt
+        user = task_message(ctx, tools)
+        if self.reference:
+            user = ctx.prompt + "\n\n" + user
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
+        ]
+        transcript = Transcript(ctx)
+        try:
+            transcript.write("request", model=self.model, messages=messages)
+            for _turn in range(self.config.max_turns):
+                reply = await self._complete(messages, tools.definitions("openai"), ctx.usage)
+                choice = reply.choices[0]
+                message = choice.message
+                calls = message.tool_calls or []
+                messages.append(message.model_dump(exclude_none=True))
+                transcript.write(
+                    "assistant",
+                    content=message.content,
+                    tool_calls=[call.model_dump() for call in calls],
+                    finish_reason=choice.finish_reason,
+                )
+                if not calls:
+                    return
+                for call in calls:
+                    result = _call_tool(tools, call.function.name, call.function.arguments)
+                    transcript.write(
+                        "tool", name=call.function.name, error=result[1], result=result[0][:2000]
+                    )
+                    messages.append({"role": "tool", "tool_call_id": call.id, "content": result[0]})
+            raise RunnerError(
+                f"the model was still calling tools after max_turns={self.config.max_turns}"
+            )
+        finally:
+            transcript.close()
+
+    async def _complete(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], usage: Usage
+    ) -> Any:
+        extra: dict[str, Any] = {}
+        if self.config.temperature is not None:
+            extra["temperature"] = self.config.temperature
+        sdk = self.sdk
+        try:
+            reply = await self.client.chat.completions.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                tools=tools,  # type: ignore[arg-type]
+                max_tokens=self.config.max_tokens,
+                **extra,
+            )
+        except sdk.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            code = body.get("code") or getattr(exc, "code", None)
+            raise classify_status(
+                exc.status_code,
+                provider_message(exc.body, str(exc.message)),
+                retry_after=retry_after_seconds(exc.response.headers),
+                code=code if isinstance(code, str) else None,
+            ) from exc
+        except sdk.APIConnectionError as exc:  # includes timeouts
+            raise RunnerError(f"connection to the model failed: {exc}") from exc
+        usage.requests += 1
+        if reply.usage is not None:
+            details = reply.usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details is not None else 0
+            usage.input_tokens += reply.usage.prompt_tokens - cached
+            usage.cache_read_tokens += cached
+            usage.output_tokens += reply.usage.completion_tokens
+        if not reply.choices:
+            raise RunnerError("the model returned no choices")
+        return reply
+
+
+def _call_tool(tools: Any, name: str, arguments: str) -> tuple[str, bool]:
+    try:
+        parsed = json.loads(arguments or "{}")
+    except json.JSONDecodeError as exc:
+        return f"{name}: the arguments are not valid JSON ({exc.msg}); send a JSON object", True
+    result = tools.call(name, parsed)
+    return result.text, result.is_error

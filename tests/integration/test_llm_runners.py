@@ -1,0 +1,237 @@
+"""The anthropic and openai runners end to end: a real pipeline, the real SDKs, and phalanx's
+loopback LLM server on 127.0.0.1 — tool loops, usage, transcripts, faults and confinement."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from phalanx import RunResult, run_pipeline
+from phalanx.testing import Conversation, Fault, LoopbackLLM, Reply, ScriptedModel, ToolCall
+
+SECRET = "sk-test-do-not-leak-1234567890"  # noqa: S105 - a fake key the test hunts for
+
+BLUEPRINT = """\
+---
+name: research
+description: Research one organisation.
+model: loopback-model
+params:
+  ORGANIZATION_ID: The organisation's id.
+outputs:
+  activities.json: The organisation's activities as JSON.
+  sources.md: Where each fact came from.
+---
+Research the organisation {ORGANIZATION_ID} and write what you find.
+"""
+
+
+def project(
+    root: Path, api: str, url: str, *, retries: int = 2, keys: str = "abcd", extra: str = ""
+) -> Path:
+    """A one-stage project whose runner talks to the loopback server at ``url``."""
+    base_url = url if api == "anthropic" else url + "/v1"
+    (root / "agents").mkdir(parents=True)
+    (root / "agents/research.md").write_text(BLUEPRINT)
+    items = ", ".join(f"{{id: org_{k}}}" for k in keys)
+    (root / "pipeline.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            name: llm
+            defaults:
+              runner: {{type: {api}, base_url: "{base_url}", api_key_env: LOOPBACK_KEY{extra}}}
+              retries: {retries}
+              backoff: {{base: 10ms, max: 50ms}}
+              timeout: 60s
+            stages:
+              - name: research
+                blueprint: agents/research.md
+                partitions: {{items: [{items}]}}
+                params: {{ORGANIZATION_ID: "{{id}}"}}
+                output: data/{{ORGANIZATION_ID}}/
+            """
+        )
+    )
+    return root / "pipeline.yaml"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOPBACK_KEY", SECRET)
+
+
+def run_with(
+    tmp_path: Path,
+    api: str,
+    server: LoopbackLLM,
+    *,
+    retries: int = 2,
+    keys: str = "abcd",
+    extra: str = "",
+) -> RunResult:
+    """Start ``server``, write the project pointing at it, run the pipeline, stop the server."""
+
+    async def go() -> RunResult:
+        async with server:
+            pipeline = project(tmp_path, api, server.url, retries=retries, keys=keys, extra=extra)
+            return await run_pipeline(pipeline)
+
+    return asyncio.run(go())
+
+
+def everything_written(root: Path) -> str:
+    return "\n".join(path.read_text(errors="replace") for path in root.rglob("*") if path.is_file())
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_runner_fulfils_the_blueprint_through_the_real_sdk(tmp_path: Path, api: str) -> None:
+    """Every instance's conversation writes the expected files with write_file, they validate
+    and commit; usage and a transcript are recorded; the API key appears nowhere on disk."""
+    server = LoopbackLLM()
+    result = run_with(tmp_path, api, server)
+
+    stage = result.stage("research")
+    assert (stage.committed, stage.failed) == (4, 0), result.to_json()
+    for key in "abcd":
+        folder = tmp_path / f"data/org_{key}"
+        assert json.loads((folder / "activities.json").read_text())
+        assert (folder / "sources.md").read_text().strip()
+    usage = result.to_json()["usage"]
+    assert isinstance(usage, dict)
+    assert usage["requests"] == 8  # one turn writing both files, one turn saying it is done
+    assert usage["input_tokens"] > 0
+    assert usage["output_tokens"] > 0
+    transcript = next((tmp_path / ".phalanx/runs").glob("*/logs/research/org_a/attempt-1"))
+    lines = [
+        json.loads(line) for line in (transcript / "transcript.jsonl").read_text().splitlines()
+    ]
+    tools = [line["name"] for line in lines if line["kind"] == "tool"]
+    assert tools == ["write_file", "write_file"]
+    assert "Expected files: `activities.json`, `sources.md`." in json.dumps(lines[0])
+    assert SECRET not in everything_written(tmp_path)
+    assert all(SECRET not in json.dumps(r.body) for r in server.requests)
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_rate_limits_and_server_errors_are_retried_and_nothing_is_lost(
+    tmp_path: Path, api: str
+) -> None:
+    """A storm of 429s, 529s/503s and 500s on the first requests: every instance still
+    commits, after retries recorded in the notes as rate-limited or runner errors."""
+    overloaded = 529 if api == "anthropic" else 503
+    server = LoopbackLLM(
+        faults=[
+            Fault.error(429, first=2),
+            Fault.error(overloaded, first=2),
+            Fault.error(500, first=2),
+        ]
+    )
+    result = run_with(tmp_path, api, server, retries=8)
+
+    stage = result.stage("research")
+    assert (stage.committed, stage.failed, stage.skipped) == (4, 0, 0), result.to_json()
+    notes = (tmp_path / "wip/notes.md").read_text()
+    assert notes.count("cause: rate-limited") == 4
+    assert notes.count("cause: runner-error") == 2
+    assert "action: retrying" in notes
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_authentication_failure_is_not_retried(tmp_path: Path, api: str) -> None:
+    """A 401 fails each instance once, as permanent, with no retry."""
+    server = LoopbackLLM(faults=[Fault.error(401)])
+    result = run_with(tmp_path, api, server, retries=3, keys="ab")
+
+    stage = result.stage("research")
+    assert stage.failed == 2
+    assert {inst.cause for inst in stage.instances} == {"permanent"}
+    assert all(len(inst.attempts) == 1 for inst in stage.instances)
+    assert all(inst.message.startswith("401") for inst in stage.instances)
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_escapes_through_the_file_tools_are_refused(tmp_path: Path, api: str) -> None:
+    """A model that tries to write outside its folder gets tool errors and nothing lands
+    outside; when it then writes the expected files the instance commits."""
+
+    def model(conversation: Conversation) -> Reply:
+        if conversation.assistant_turns == 0:
+            return Reply(
+                tool_calls=(
+                    ToolCall("write_file", {"path": "../../escape.txt", "content": "x"}),
+                    ToolCall("write_file", {"path": "/tmp/phalanx-abs.txt", "content": "x"}),
+                    ToolCall("read_file", {"path": "../../../../etc/hostname"}),
+                )
+            )
+        if conversation.assistant_turns == 1:
+            return Reply(
+                tool_calls=(
+                    ToolCall("write_file", {"path": "activities.json", "content": "[]"}),
+                    ToolCall("write_file", {"path": "sources.md", "content": "# Sources\n"}),
+                )
+            )
+        return Reply(text="Done.")
+
+    server = LoopbackLLM(default_model=model)
+    result = run_with(tmp_path, api, server, keys="a")
+
+    assert result.stage("research").committed == 1, result.to_json()
+    assert not (tmp_path / "escape.txt").exists()
+    assert not (tmp_path.parent / "escape.txt").exists()
+    assert not Path("/tmp/phalanx-abs.txt").exists()
+    transcript = next((tmp_path / ".phalanx/runs").glob("*/logs/research/org_a/attempt-1"))
+    errors = [
+        json.loads(line)
+        for line in (transcript / "transcript.jsonl").read_text().splitlines()
+        if '"kind": "tool"' in line
+    ]
+    assert [e["error"] for e in errors] == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_a_model_that_never_stops_runs_out_of_turns(tmp_path: Path, api: str) -> None:
+    """A model calling tools forever fails the attempt after max_turns, with that cause."""
+    forever = ScriptedModel(Reply(tool_calls=(ToolCall("list_files", {}),)))
+    server = LoopbackLLM(default_model=forever)
+
+    result = run_with(tmp_path, api, server, retries=0, keys="a", extra=", max_turns: 3")
+    (inst,) = result.stage("research").instances
+    assert inst.status == "failed"
+    assert "max_turns=3" in inst.message
+    assert len(server.requests) == 3
+
+
+def test_openai_insufficient_quota_is_a_billing_failure(tmp_path: Path) -> None:
+    """OpenAI's 429 with code insufficient_quota is not a rate limit: no retry, and the
+    message says it is about billing."""
+    server = LoopbackLLM(faults=[Fault.error(429, code="insufficient_quota")])
+    result = run_with(tmp_path, "openai", server, retries=3, keys="a")
+
+    (inst,) = result.stage("research").instances
+    assert inst.status == "failed"
+    assert inst.cause == "permanent"
+    assert "billing" in inst.message
+    assert len(inst.attempts) == 1
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_connection_resets_and_malformed_tool_calls_are_survived(tmp_path: Path, api: str) -> None:
+    """A connection reset fails an attempt that is then retried; a tool call whose arguments
+    are not a JSON object gets a tool error, and the model's next call writes the file."""
+    server = LoopbackLLM(faults=[Fault.reset(first=1), Fault.malformed_tool_call(first=1)])
+    result = run_with(tmp_path, api, server, keys="ab")
+
+    stage = result.stage("research")
+    assert (stage.committed, stage.failed) == (2, 0), result.to_json()
+    assert server.counters.faults == 2
+    notes = (tmp_path / "wip/notes.md").read_text()
+    assert notes.count("cause: runner-error") == 1
+    transcripts = "".join(
+        path.read_text() for path in (tmp_path / ".phalanx/runs").rglob("transcript.jsonl")
+    )
+    assert '"error": true' in transcripts
