@@ -10,7 +10,8 @@ import phalanx
 
 EXPECTED = {
     "AttemptEnded", "AttemptRecord", "AttemptStarted", "Backoff", "Blueprint", "BlueprintError",
-    "ConfinementError", "CycleError", "Event", "EventHandler", "ExpectSpec", "InputRef",
+    "ConfinementError", "CycleError", "Event", "EventHandler", "ExpectSpec", "FatalError",
+    "InputRef",
     "InstanceContext", "InstanceEnded", "InstanceError", "InstancePlan", "InstanceResult",
     "OutputConflictError", "OutputInvalidError", "Partition", "PartitionError",
     "PartitionKeyError", "PartitionSource", "PermanentError", "PhalanxError", "Pipeline",

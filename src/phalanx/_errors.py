@@ -15,6 +15,7 @@ __all__ = [
     "BlueprintError",
     "ConfinementError",
     "CycleError",
+    "FatalError",
     "InstanceError",
     "OutputConflictError",
     "OutputInvalidError",
@@ -85,6 +86,7 @@ class InstanceError(PhalanxError):
 
     cause = "error"
     retryable = True
+    stops_run = False
 
     def __init__(self, message: str, *, detail: str = "", retry_after: float | None = None) -> None:
         super().__init__(message, detail, retry_after)
@@ -134,6 +136,15 @@ class PermanentError(RunnerError):
 
     cause = "permanent"
     retryable = False
+
+
+class FatalError(PermanentError):
+    """Every instance would fail the same way (a rejected API key: 401, 403; an account with no
+    quota left): the first one stops the whole run, instead of spending one failure per
+    partition on it."""
+
+    cause = "fatal"
+    stops_run = True
 
 
 class OutputInvalidError(InstanceError):

@@ -134,20 +134,26 @@ class StageResult:
 
 @dataclass(frozen=True)
 class RunResult:
-    """A whole run. ``ok`` is true when every stage met its threshold and nothing was cancelled."""
+    """A whole run. ``ok`` is true when every stage met its threshold and nothing was cancelled.
+    ``halted`` names the fatal error (a rejected key, no quota) that stopped it, if one did."""
 
     run_id: str
     pipeline: str
     stages: tuple[StageResult, ...]
     wall_s: float
     cancelled: bool = False
+    halted: str | None = None
     stop_reason: str | None = None
     notes: Path | None = None
     summaries: tuple[Path, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
-        return not self.cancelled and all(stage.met_threshold for stage in self.stages)
+        return (
+            not self.cancelled
+            and self.halted is None
+            and all(stage.met_threshold for stage in self.stages)
+        )
 
     def stage(self, name: str) -> StageResult:
         for stage in self.stages:
@@ -161,6 +167,7 @@ class RunResult:
             "pipeline": self.pipeline,
             "ok": self.ok,
             "cancelled": self.cancelled,
+            "halted": self.halted,
             "stop_reason": self.stop_reason,
             "wall_s": round(self.wall_s, 6),
             "notes": str(self.notes) if self.notes else None,

@@ -187,6 +187,7 @@ class _Run:
         self.pool = ThreadPoolExecutor(min(64, cap), thread_name_prefix="phalanx-io")
         self.stopping = False
         self.stop_reason: str | None = None
+        self.halted: str | None = None
         self.results: dict[str, StageResult] = {}
         self.finished: dict[str, asyncio.Event] = {}
         self.active: set[_StageState] = set()
@@ -200,6 +201,12 @@ class _Run:
     def emit(self, event: Event) -> None:
         if self.on_event is not None:
             self.on_event(event)
+
+    def halt(self, reason: str) -> None:
+        """Stop the run because of an error every instance would hit (see ``FatalError``)."""
+        if not self.stopping:
+            self.halted = reason
+        self.stop(reason)
 
     def stop(self, reason: str) -> None:
         if not self.stopping:
@@ -245,7 +252,8 @@ class _Run:
             pipeline=self.plan.pipeline.config.name,
             stages=tuple(self.results[name] for name in states),
             wall_s=time.monotonic() - started,
-            cancelled=self.stopping,
+            cancelled=self.stopping and self.halted is None,
+            halted=self.halted,
             stop_reason=self.stop_reason,
             notes=self.notes.journal if self.notes.written else None,
             summaries=tuple(self.summaries),
@@ -311,7 +319,12 @@ class _Run:
                 self._track(state, group.create_task(self._feed(state, order, group)))
         finally:
             self.active.discard(state)
-        reason = "cancelled" if self.stopping else (state.abort_reason or "cancelled")
+        if self.halted:
+            reason = "run stopped by a fatal error"
+        elif self.stopping:
+            reason = "cancelled"
+        else:
+            reason = state.abort_reason or "cancelled"
         instances = tuple(
             state.outcomes.get(inst.key)
             or self._ended(
@@ -479,7 +492,9 @@ class _Run:
                     message=str(error),
                 )
             )
-            if stage.on_failure == "abort" and state.abort_reason is None:
+            if error.stops_run:
+                self.halt(f"{stage.name}/{inst.key}: {error}")
+            elif stage.on_failure == "abort" and state.abort_reason is None:
                 self._abort(state, inst.key)
         return delay
 

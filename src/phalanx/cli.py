@@ -87,6 +87,13 @@ def run(
         click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     else:
         _print_summary(result)
+    if result.halted:
+        click.echo(
+            f"run stopped: {result.halted}; every other instance would fail the same way, so "
+            "nothing more was started. Committed outputs are kept.",
+            err=True,
+        )
+        sys.exit(EXIT_FAILED)
     if result.cancelled:
         click.echo(
             f"stopped: {result.stop_reason or 'cancelled'}; in-flight attempts were cancelled "

@@ -31,7 +31,14 @@ Research the organisation {ORGANIZATION_ID} and write what you find.
 
 
 def project(
-    root: Path, api: str, url: str, *, retries: int = 2, keys: str = "abcd", extra: str = ""
+    root: Path,
+    api: str,
+    url: str,
+    *,
+    retries: int = 2,
+    keys: str = "abcd",
+    extra: str = "",
+    concurrency: int = 16,
 ) -> Path:
     """A one-stage project whose runner talks to the loopback server at ``url``."""
     base_url = url if api == "anthropic" else url + "/v1"
@@ -45,6 +52,7 @@ def project(
             defaults:
               runner: {{type: {api}, base_url: "{base_url}", api_key_env: LOOPBACK_KEY{extra}}}
               retries: {retries}
+              concurrency: {concurrency}
               backoff: {{base: 10ms, max: 50ms}}
               timeout: 60s
             stages:
@@ -72,12 +80,21 @@ def run_with(
     retries: int = 2,
     keys: str = "abcd",
     extra: str = "",
+    concurrency: int = 16,
 ) -> RunResult:
     """Start ``server``, write the project pointing at it, run the pipeline, stop the server."""
 
     async def go() -> RunResult:
         async with server:
-            pipeline = project(tmp_path, api, server.url, retries=retries, keys=keys, extra=extra)
+            pipeline = project(
+                tmp_path,
+                api,
+                server.url,
+                retries=retries,
+                keys=keys,
+                extra=extra,
+                concurrency=concurrency,
+            )
             return await run_pipeline(pipeline)
 
     return asyncio.run(go())
@@ -141,17 +158,34 @@ def test_rate_limits_and_server_errors_are_retried_and_nothing_is_lost(
 
 
 @pytest.mark.parametrize("api", ["anthropic", "openai"])
-def test_authentication_failure_is_not_retried(tmp_path: Path, api: str) -> None:
-    """A 401 fails each instance once, as permanent, with no retry."""
+def test_rejected_key_stops_the_run_once(tmp_path: Path, api: str) -> None:
+    """A 401 is fatal: the first instance to meet it fails without retrying, nothing more is
+    started, the others are skipped, and the run says why, once."""
     server = LoopbackLLM(faults=[Fault.error(401)])
-    result = run_with(tmp_path, api, server, retries=3, keys="ab")
+    result = run_with(tmp_path, api, server, retries=3, keys="abcdefgh", concurrency=2)
 
     stage = result.stage("research")
-    assert stage.failed == 2
-    assert {inst.cause for inst in stage.instances} == {"permanent"}
-    assert all(len(inst.attempts) == 1 for inst in stage.instances)
-    assert all(inst.message.startswith("401") for inst in stage.instances)
-    assert len(server.requests) == 2
+    failed = [inst for inst in stage.instances if inst.status == "failed"]
+    assert 1 <= len(failed) <= 2  # the two in flight when the first 401 came back
+    assert {inst.cause for inst in failed} == {"fatal"}
+    assert all(len(inst.attempts) == 1 for inst in failed)
+    assert stage.skipped == 8 - len(failed)
+    assert result.halted is not None
+    assert "401" in result.halted
+    assert not result.cancelled
+    assert not result.ok
+    assert len(server.requests) <= 2
+
+
+def test_bad_request_fails_the_instance_without_retry(tmp_path: Path) -> None:
+    """A 400 is permanent for its instance only: no retry, the run goes on."""
+    server = LoopbackLLM(faults=[Fault.error(400, first=1)])
+    result = run_with(tmp_path, "openai", server, retries=3, keys="ab")
+
+    stage = result.stage("research")
+    assert sorted(inst.cause or "" for inst in stage.instances) == ["", "permanent"]
+    assert stage.committed == 1
+    assert result.halted is None
 
 
 @pytest.mark.parametrize("api", ["anthropic", "openai"])
@@ -214,8 +248,9 @@ def test_openai_insufficient_quota_is_a_billing_failure(tmp_path: Path) -> None:
 
     (inst,) = result.stage("research").instances
     assert inst.status == "failed"
-    assert inst.cause == "permanent"
+    assert inst.cause == "fatal"
     assert "billing" in inst.message
+    assert result.halted is not None
     assert len(inst.attempts) == 1
 
 
@@ -235,3 +270,17 @@ def test_connection_resets_and_malformed_tool_calls_are_survived(tmp_path: Path,
         path.read_text() for path in (tmp_path / ".phalanx/runs").rglob("transcript.jsonl")
     )
     assert '"error": true' in transcripts
+
+
+def test_cli_reports_a_fatal_error_once_and_exits_1(tmp_path: Path) -> None:
+    """Through the CLI, a rejected key ends the run with exit code 1 and one clear message."""
+    from click.testing import CliRunner
+
+    from phalanx.cli import cli
+
+    with LoopbackLLM(faults=[Fault.error(401)]).running_in_thread() as server:
+        pipeline = project(tmp_path, "openai", server.url, keys="abcd", concurrency=1)
+        outcome = CliRunner().invoke(cli, ["run", str(pipeline), "--quiet"])
+    assert outcome.exit_code == 1, outcome.output
+    assert outcome.stderr.count("run stopped: research/org_a: 401") == 1
+    assert "check the API key" in outcome.stderr

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from phalanx import InputRef, InstanceContext, PermanentError, RateLimited, RunnerError
+from phalanx import (
+    FatalError,
+    InputRef,
+    InstanceContext,
+    PermanentError,
+    RateLimited,
+    RunnerError,
+)
 from phalanx.runners._llm import (
     api_key,
     classify_status,
@@ -25,16 +32,17 @@ from phalanx.runners._llm import (
         (500, None, RunnerError, True),
         (502, None, RunnerError, True),
         (400, None, PermanentError, False),
-        (401, None, PermanentError, False),
+        (401, None, FatalError, False),
+        (403, None, FatalError, False),
         (404, None, PermanentError, False),
-        (429, "insufficient_quota", PermanentError, False),
+        (429, "insufficient_quota", FatalError, False),
     ],
 )
 def test_classify_status(
     status: int, code: str | None, kind: type[RunnerError], retryable: bool
 ) -> None:
-    """Rate limits and overloads wait and retry, server errors retry, client errors and an
-    empty quota do not."""
+    """Rate limits and overloads wait and retry, server errors retry, client errors do not,
+    and a rejected key or an empty quota is fatal to the run."""
     error = classify_status(status, "boom", retry_after=2.0, code=code)
     assert type(error) is kind
     assert error.retryable is retryable

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._errors import PermanentError, RateLimited, RunnerError, UsageError
+from .._errors import FatalError, PermanentError, RateLimited, RunnerError, UsageError
 from .._templates import stringify
 from ._base import InstanceContext
 from .tools import FileTools
@@ -91,10 +91,13 @@ def classify_status(
     status: int, message: str, *, retry_after: float | None = None, code: str | None = None
 ) -> RunnerError:
     """A provider's HTTP error as a phalanx error: 429/529/503 wait and retry, other 5xx
-    retry, 4xx (auth, bad request, unknown model, no quota) cannot be fixed by retrying."""
+    retry, 4xx (bad request, unknown model) cannot be fixed by retrying, and a rejected key or
+    an empty quota stops the whole run."""
     text = f"{status}: {message}"
     if code == "insufficient_quota":
-        return PermanentError(f"{text} (billing: the account has no quota left)")
+        return FatalError(f"{text} (billing: the account has no quota left)")
+    if status in (401, 403):
+        return FatalError(f"{text} (check the API key and its permissions)")
     if status in (429, 503, 529):
         return RateLimited(text, retry_after=retry_after)
     if status >= 500 or status == 408:
