@@ -424,7 +424,9 @@ class _Run:
                     held = True
                 if self.stopping or state.abort_reason:
                     return
-                error = await self._attempt(state, inst, attempt, inputs, missing, attempts)
+                error = await self._attempt(
+                    state, inst, attempt, inputs, missing, attempts, _feedback(attempts)
+                )
                 self._free(state)
                 held = False
                 if error is None:
@@ -521,6 +523,7 @@ class _Run:
         inputs: tuple[InputRef, ...],
         missing: tuple[str, ...],
         attempts: list[AttemptRecord],
+        feedback: str,
     ) -> InstanceError | None:
         """One attempt: run, validate, commit. Appends its record to ``attempts``; on success
         records the instance as committed and returns ``None``, else returns the error."""
@@ -543,6 +546,7 @@ class _Run:
             timeout=stage.timeout,
             expected=state.rules.names(inst.values),
             reads=tuple(stage.config.reads),
+            feedback=feedback,
         )
         self.emit(AttemptStarted(stage.name, inst.key, attempt))
         wall = time.time()
@@ -608,6 +612,13 @@ class _Run:
     ) -> None:
         state.rules.validate(staging, inst.values, files)
         self.bus.commit(staging, inst.output, stage=inst.stage, key=inst.key)
+
+
+def _feedback(attempts: list[AttemptRecord]) -> str:
+    """Why the last attempt's output was rejected, for the next one to fix."""
+    if attempts and attempts[-1].cause in ("output-invalid", "confinement"):
+        return attempts[-1].message
+    return ""
 
 
 async def _to_the_end(work: Awaitable[None], on_success: Callable[[], None]) -> None:

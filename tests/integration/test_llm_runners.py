@@ -284,3 +284,31 @@ def test_cli_reports_a_fatal_error_once_and_exits_1(tmp_path: Path) -> None:
     assert outcome.exit_code == 1, outcome.output
     assert outcome.stderr.count("run stopped: research/org_a: 401") == 1
     assert "check the API key" in outcome.stderr
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_validation_error_is_fed_back_to_the_next_attempt(tmp_path: Path, api: str) -> None:
+    """An attempt whose JSON does not parse is retried, and the retry's task message says what
+    was wrong; a model that reads it fixes the file and the instance commits."""
+
+    def model(conversation: Conversation) -> Reply:
+        if conversation.assistant_turns > 0:
+            return Reply(text="Done.")
+        fixed = "previous attempt was rejected" in conversation.first_user_text
+        assert not fixed or "activities.json: not valid JSON" in conversation.first_user_text
+        return Reply(
+            tool_calls=(
+                ToolCall(
+                    "write_file", {"path": "activities.json", "content": "[]" if fixed else "{"}
+                ),
+                ToolCall("write_file", {"path": "sources.md", "content": "# Sources\n"}),
+            )
+        )
+
+    server = LoopbackLLM(default_model=model)
+    result = run_with(tmp_path, api, server, keys="a")
+
+    (inst,) = result.stage("research").instances
+    assert inst.status == "committed", result.to_json()
+    assert [a.cause for a in inst.attempts] == ["output-invalid", None]
+    assert (tmp_path / "data/org_a/activities.json").read_text() == "[]"

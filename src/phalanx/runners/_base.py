@@ -53,8 +53,9 @@ class InstanceContext:
     instances this instance reads (for a group: its members, in plan order); read them, never
     write them. ``missing`` names upstream instances this one would read but that did not commit.
     ``expected`` are the file names the stage expects in ``output_dir``; ``reads`` the
-    project-relative reference paths the stage declares. LLM runners add what they spend to
-    ``usage``.
+    project-relative reference paths the stage declares. ``feedback`` is why the previous
+    attempt's output was rejected (empty on a first attempt, or after another kind of failure),
+    for agents that can learn from it. LLM runners add what they spend to ``usage``.
     """
 
     run_id: str
@@ -73,6 +74,7 @@ class InstanceContext:
     timeout: float
     expected: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
+    feedback: str = ""
     usage: Usage = field(default_factory=Usage)
 
 

@@ -83,6 +83,11 @@ def task_message(ctx: InstanceContext, tools: FileTools) -> str:
         ]
     if ctx.missing:
         lines.append("These inputs did not complete and are absent: " + ", ".join(ctx.missing))
+    if ctx.feedback:
+        lines += [
+            "",
+            f"Your previous attempt was rejected: {ctx.feedback}. Fix this in this attempt.",
+        ]
     lines += ["", "When every file is written, reply with one short sentence and stop."]
     return "\n".join(lines)
 
