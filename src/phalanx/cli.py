@@ -225,6 +225,85 @@ def init(directory: str) -> None:
     click.echo(f"next: phalanx run {Path(directory) / 'pipeline.yaml'}")
 
 
+@cli.command()
+@click.option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=8765,
+    show_default=True,
+    help="Port on 127.0.0.1 (0 picks a free one).",
+)
+@click.option(
+    "--latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds before each answer (the median when --latency-sigma > 0).",
+)
+@click.option(
+    "--latency-sigma",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Spread of a log-normal latency.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    help="Answer 429 beyond this many requests in flight.",
+)
+@click.option(
+    "--rpm",
+    "requests_per_minute",
+    type=click.IntRange(min=1),
+    help="Requests per minute before 429s.",
+)
+@click.option("--seed", type=int, default=0, help="Seed of the latency draws.")
+def loopback(
+    port: int,
+    latency: float,
+    latency_sigma: float,
+    max_concurrency: int | None,
+    requests_per_minute: int | None,
+    seed: int,
+) -> None:
+    """Serve a fake LLM on 127.0.0.1 (Anthropic and OpenAI APIs) to rehearse pipelines offline.
+
+    Its default model writes every file a prompt names as expected, through the runners'
+    write_file tool. Stop it with Ctrl-C.
+    """
+    try:
+        from .testing import LoopbackLLM  # noqa: PLC0415 - needs the optional aiohttp
+    except ImportError as exc:
+        _fail(UsageError(str(exc)))
+    server = LoopbackLLM(
+        port=port,
+        latency=latency,
+        latency_sigma=latency_sigma,
+        max_concurrency=max_concurrency,
+        requests_per_minute=requests_per_minute,
+        seed=seed,
+    )
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with server:
+            click.echo(f"loopback LLM listening on {server.url}", err=False)
+            click.echo(f"  anthropic runner: base_url: {server.url}")
+            click.echo(f"  openai runner:    base_url: {server.url}/v1")
+            click.echo("  any API key is accepted; Ctrl-C stops it", err=False)
+            sys.stdout.flush()
+            await stop.wait()
+        click.echo(f"served {server.counters.requests} requests", err=True)
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        _fail(UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}"))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()
