@@ -92,7 +92,7 @@ class _LLMRunnerConfig(_Model):
 
 
 class AnthropicRunnerConfig(_LLMRunnerConfig):
-    """``runner: {type: anthropic, model: claude-sonnet-4-5}``: the Messages API with phalanx's
+    """``runner: {type: anthropic, model: claude-sonnet-4-6}``: the Messages API with phalanx's
     file tools. ``model`` defaults to the blueprint's."""
 
     type: Literal["anthropic"] = "anthropic"

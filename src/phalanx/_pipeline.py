@@ -88,9 +88,14 @@ class Pipeline:
         return f"{prefix}: {_dotted(loc, self.config)}" if loc else prefix
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
+def load_pipeline(
+    path: str | Path, *, runner_settings: Mapping[str, object] | None = None
+) -> Pipeline:
     """Read and validate a pipeline file.
 
+    ``runner_settings`` override runner settings everywhere in the file (the defaults' runner
+    and every stage's own): ``{"base_url": "http://127.0.0.1:8765"}`` points a pipeline at
+    another server, ``{"type": "openai", "model": "llama3.1"}`` at another provider.
     Raises :class:`PipelineError` naming the file, the line, the field and the fix.
     """
     path = Path(path)
@@ -112,6 +117,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
             "stages; see `phalanx init` for a starter"
         )
     lines = _line_map(node) if node is not None else {}
+    if runner_settings:
+        _override_runners(data, runner_settings)
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
@@ -123,6 +130,20 @@ def load_pipeline(path: str | Path) -> Pipeline:
         display_path=display,
         lines=lines,
     )
+
+
+def _override_runners(data: dict[str, Any], settings: Mapping[str, object]) -> None:
+    """Apply ``settings`` to the defaults' runner and to every stage that sets its own."""
+    defaults = data.setdefault("defaults", {})
+    targets = [defaults] if isinstance(defaults, dict) else []
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        targets += [stage for stage in stages if isinstance(stage, dict) and "runner" in stage]
+    for target in targets:
+        runner = target.get("runner")
+        if isinstance(runner, str):
+            runner = {"type": runner}
+        target["runner"] = {**(runner if isinstance(runner, dict) else {}), **settings}
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import click
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -37,11 +38,31 @@ def _fail(error: UsageError) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
-def _plan(pipeline: str, stages: tuple[str, ...], only: tuple[str, ...]) -> Plan:
+def _plan(
+    pipeline: str,
+    stages: tuple[str, ...],
+    only: tuple[str, ...],
+    settings: tuple[str, ...] = (),
+) -> Plan:
     try:
-        return plan_pipeline(load_pipeline(pipeline), stages=stages or None, only=only or None)
+        loaded = load_pipeline(pipeline, runner_settings=_settings(settings))
+        return plan_pipeline(loaded, stages=stages or None, only=only or None)
     except UsageError as exc:
         _fail(exc)
+
+
+def _settings(pairs: tuple[str, ...]) -> dict[str, object]:
+    """``--set key=value`` pairs; values are read as YAML scalars (numbers, booleans, null)."""
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(
+                f"--set {pair!r}: write --set KEY=VALUE, e.g. --set base_url=http://127.0.0.1:8765"
+            )
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        settings[key.strip()] = value if isinstance(parsed, dict | list) else parsed
+    return settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,12 +78,21 @@ _stage_option = click.option(
 _only_option = click.option(
     "--only", multiple=True, metavar="KEY", help="Only the instances with this key (repeatable)."
 )
+_set_option = click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a runner setting everywhere, e.g. --set base_url=http://127.0.0.1:8765 "
+    "(repeatable).",
+)
 
 
 @cli.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @_stage_option
 @_only_option
+@_set_option
 @click.option("--concurrency", type=click.IntRange(min=1), help="Override every stage's limit.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
@@ -70,12 +100,13 @@ def run(
     pipeline: str,
     stages: tuple[str, ...],
     only: tuple[str, ...],
+    settings: tuple[str, ...],
     concurrency: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Run PIPELINE (a pipeline.yaml)."""
-    plan = _plan(pipeline, stages, only)
+    plan = _plan(pipeline, stages, only, settings)
     live = sys.stderr.isatty() and not quiet
     progress = Progress(sys.stderr, live=live)
     try:
@@ -161,10 +192,17 @@ def _print_summary(result: RunResult) -> None:
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @_stage_option
 @_only_option
+@_set_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(pipeline: str, stages: tuple[str, ...], only: tuple[str, ...], as_json: bool) -> None:
+def plan(
+    pipeline: str,
+    stages: tuple[str, ...],
+    only: tuple[str, ...],
+    settings: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Expand PIPELINE into instances without running anything."""
-    planned = _plan(pipeline, stages, only)
+    planned = _plan(pipeline, stages, only, settings)
     if as_json:
         click.echo(json.dumps(planned.to_json(), indent=2, ensure_ascii=False))
         return
@@ -201,9 +239,10 @@ def _inputs(inst: InstancePlan) -> str:
 
 @cli.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
-def validate(pipeline: str) -> None:
+@_set_option
+def validate(pipeline: str, settings: tuple[str, ...]) -> None:
     """Check PIPELINE and every file it names, without running anything."""
-    planned = _plan(pipeline, (), ())
+    planned = _plan(pipeline, (), (), settings)
     try:
         check_runners(planned)
     except UsageError as exc:

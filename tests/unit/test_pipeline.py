@@ -521,3 +521,27 @@ def test_unknown_fields_in_every_section_get_their_suggestion(tmp_path: Path) ->
     assert "defaults.backoff.bse: unknown field 'bse'; did you mean 'base'?" in message
     assert "partitions.keyy: unknown field 'keyy'; did you mean 'key'?" in message
     assert "expect.a.json.shema: unknown field 'shema'; did you mean 'schema'?" in message
+
+
+def test_runner_settings_override_every_runner(tmp_path: Path) -> None:
+    """``runner_settings`` (the CLI's --set) reach the defaults' runner and every stage's own,
+    so one flag can point a whole pipeline at another server or provider."""
+    path = project(
+        tmp_path,
+        """\
+        name: p
+        defaults: {runner: {type: anthropic, model: m1}}
+        stages:
+          - {name: a, partitions: [x], output: "a/{value}/"}
+          - {name: b, partitions: [x], output: "b/{value}/", runner: {model: m2}}
+        """,
+    )
+    settings = {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    plan = plan_pipeline(load_pipeline(path, runner_settings=settings))
+    a, b = plan.stages
+    assert (a.runner.type, a.runner.model, a.runner.base_url) == (  # type: ignore[union-attr]
+        "openai",
+        "m1",
+        "http://127.0.0.1:9/v1",
+    )
+    assert (b.runner.type, b.runner.model) == ("openai", "m2")  # type: ignore[union-attr]
