@@ -84,7 +84,7 @@ def test_quickstart_surveys_modules_then_packages_then_overall(
         ("packages", len(packages.instances), len(packages.instances)),
         ("overall", 1, 1),
     ]
-    assert result.notes is None
+    assert result.notes is None, result.notes.read_text() if result.notes else ""
     assert not (project / "wip" / "notes.md").exists()
     assert sorted(p.name for p in (project / "wip" / "stages").iterdir()) == [
         "modules.md",

@@ -20,10 +20,12 @@ from pydantic import (
 )
 
 from ._partitions import PartitionSource
+from ._prices import Price
 
 __all__ = [
     "AnthropicRunnerConfig",
     "Backoff",
+    "ClaudeCodeRunnerConfig",
     "CommandRunnerConfig",
     "Defaults",
     "ExpectSpec",
@@ -108,8 +110,30 @@ class OpenAIRunnerConfig(_LLMRunnerConfig):
     api_key_env: str = "OPENAI_API_KEY"
 
 
+class ClaudeCodeRunnerConfig(_Model):
+    """``runner: {type: claude-code}``: headless Claude Code (``claude -p``), one process per
+    attempt, writing only into the attempt's staging folder."""
+
+    type: Literal["claude-code"] = "claude-code"
+    command: list[str] = Field(default_factory=lambda: ["claude"], min_length=1)
+    model: str | None = None
+    allowed_tools: list[str] = Field(
+        default_factory=lambda: ["Read", "Write", "Edit", "Glob", "Grep", "LS"]
+    )
+    permission_mode: str = "acceptEdits"
+    max_turns: int | None = Field(default=None, ge=1)
+    base_url: str | None = None
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    env: dict[str, str] = Field(default_factory=dict)
+    kill_grace: Duration = 5.0
+
+
 RunnerConfig = Annotated[
-    PythonRunnerConfig | CommandRunnerConfig | AnthropicRunnerConfig | OpenAIRunnerConfig,
+    PythonRunnerConfig
+    | CommandRunnerConfig
+    | AnthropicRunnerConfig
+    | OpenAIRunnerConfig
+    | ClaudeCodeRunnerConfig,
     Field(discriminator="type"),
 ]
 
@@ -272,6 +296,7 @@ class PipelineConfig(_Model):
     concurrency: int = Field(default=256, ge=1)
     notes: str = "wip/notes.md"
     summaries: str = "wip/stages"
+    prices: dict[str, Price] = Field(default_factory=dict)
     stages: list[StageConfig] = Field(min_length=1)
 
     @field_validator("params")

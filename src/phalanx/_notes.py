@@ -12,6 +12,7 @@ import datetime as dt
 from pathlib import Path
 
 from ._results import InstanceResult, StageResult
+from ._usage import Usage
 
 __all__ = ["Notes"]
 
@@ -92,6 +93,22 @@ def _row(inst: InstanceResult) -> str:
     return f"| `{inst.key}` | {inst.status} | {why or ''} | {len(inst.attempts)} | {message} |"
 
 
+def usage_lines(usage: Usage) -> list[str]:
+    """Requests, tokens and cost as Markdown list items."""
+    lines = [
+        f"- requests: {usage.requests}",
+        f"- tokens: {usage.input_tokens} input, {usage.output_tokens} output, "
+        f"{usage.cache_read_tokens} cache read, {usage.cache_write_tokens} cache write",
+        f"- cost: ${usage.cost_usd:.4f}",
+    ]
+    if usage.unpriced:
+        lines.append(
+            f"- {usage.unpriced} requests to models without a price are not in the cost; "
+            "add them under the pipeline's `prices:`"
+        )
+    return lines
+
+
 def render_summary(result: StageResult, *, run_id: str) -> str:
     """The Markdown summary of one stage."""
     verdict = "met" if result.met_threshold else "MISSED"
@@ -130,6 +147,9 @@ def render_summary(result: StageResult, *, run_id: str) -> str:
             share = inst.duration_s / result.wall_s if result.wall_s else 0.0
             lines.append(f"| `{inst.key}` | {_seconds(inst.duration_s)} | {share:.0%} |")
         lines.append("")
+    usage = result.usage
+    if usage:
+        lines += ["## Model usage", "", *usage_lines(usage), ""]
     lines += [
         "## Efficiency",
         "",

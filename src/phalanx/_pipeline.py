@@ -52,7 +52,7 @@ STATE_DIR = ".phalanx"
 """phalanx's own folder inside a project: staging directories, logs, run records."""
 
 _RUNNER_ADAPTER: TypeAdapter[RunnerConfig] = TypeAdapter(RunnerConfig)
-_RUNNER_TYPES = ["python", "command", "anthropic", "openai"]
+_RUNNER_TYPES = ["python", "command", "anthropic", "openai", "claude-code"]
 
 StageKind = Literal["map", "group", "single", "follow"]
 _Seed = tuple[str, float, Mapping[str, object], tuple[InputRef, ...]]
@@ -533,7 +533,6 @@ class _Planner:
             fix = f"did you mean {hint[0]!r}? " if hint else ""
             raise PipelineError(
                 f"{where}: unknown runner type {kind!r}; {fix}runners: {', '.join(_RUNNER_TYPES)}"
-                " (claude-code is not available yet)"
             )
         try:
             return _RUNNER_ADAPTER.validate_python(merged)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .runners._base import Usage
+from ._usage import Usage
 
 __all__ = ["AttemptRecord", "InstanceResult", "RunResult", "StageResult", "Status"]
 
@@ -155,6 +155,11 @@ class RunResult:
             and all(stage.met_threshold for stage in self.stages)
         )
 
+    @property
+    def usage(self) -> Usage:
+        """What the whole run spent on model calls."""
+        return _total(stage.usage for stage in self.stages)
+
     def stage(self, name: str) -> StageResult:
         for stage in self.stages:
             if stage.name == name:
@@ -171,7 +176,7 @@ class RunResult:
             "stop_reason": self.stop_reason,
             "wall_s": round(self.wall_s, 6),
             "notes": str(self.notes) if self.notes else None,
-            "usage": _total(stage.usage for stage in self.stages).to_json(),
+            "usage": self.usage.to_json(),
             "stages": [stage.to_json() for stage in self.stages],
         }
 

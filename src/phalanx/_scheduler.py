@@ -82,6 +82,7 @@ def _stage_tools(plan: Plan, stage: StagePlan, given: Runner | None) -> tuple[Ru
             where=where,
             blueprint_model=stage.blueprint.model if stage.blueprint else None,
             reference=stage.prompt_mode == "reference",
+            prices=plan.pipeline.config.prices,
         )
     schemas = {
         name: load_schema(path, display=str(path.relative_to(plan.project_dir)))

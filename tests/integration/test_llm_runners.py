@@ -312,3 +312,50 @@ def test_validation_error_is_fed_back_to_the_next_attempt(tmp_path: Path, api: s
     assert inst.status == "committed", result.to_json()
     assert [a.cause for a in inst.attempts] == ["output-invalid", None]
     assert (tmp_path / "data/org_a/activities.json").read_text() == "[]"
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_cost_from_the_pipeline_price_table(tmp_path: Path, api: str) -> None:
+    """With a price for the model in the pipeline, the summary's cost is exactly the tokens
+    times the prices; the stage summary shows the usage."""
+    server = LoopbackLLM()
+
+    async def go() -> RunResult:
+        async with server:
+            pipeline = project(tmp_path, api, server.url, keys="ab")
+            text = pipeline.read_text() + (
+                "prices:\n  loopback-model: {input: 2.0, output: 10.0, cache_read: 0.5}\n"
+            )
+            pipeline.write_text(text)
+            return await run_pipeline(pipeline)
+
+    usage = asyncio.run(go()).usage
+    expected = (
+        usage.input_tokens * 2.0 + usage.output_tokens * 10.0 + usage.cache_read_tokens * 0.5
+    ) / 1_000_000
+    assert usage.requests == 4
+    assert usage.unpriced == 0
+    assert usage.cost_usd == pytest.approx(expected)
+    assert usage.cost_usd > 0
+    summary = (tmp_path / "wip/stages/research.md").read_text()
+    assert "## Model usage" in summary
+    assert "- requests: 4" in summary
+
+
+def test_retry_after_from_the_provider_is_honoured(tmp_path: Path) -> None:
+    """The server admits one request at a time and answers the others 429 with retry-after:
+    1; every retry waits at least that second (the backoff alone would wait milliseconds) and
+    every instance commits."""
+    server = LoopbackLLM(max_concurrency=1, latency=0.05)
+    result = run_with(tmp_path, "openai", server, retries=10, keys="abc", concurrency=3)
+
+    assert result.stage("research").committed == 3, result.to_json()
+    assert server.counters.rate_limited > 0
+    notes = (tmp_path / "wip/notes.md").read_text()
+    delays = [
+        float(line.split("retrying in ", 1)[1].rstrip("s"))
+        for line in notes.splitlines()
+        if line.startswith("- action: retrying in ")
+    ]
+    assert len(delays) == server.counters.rate_limited
+    assert min(delays) >= 1.0

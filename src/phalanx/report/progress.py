@@ -27,6 +27,7 @@ from .._events import (
     StageEnded,
     StageStarted,
 )
+from .._usage import Usage
 
 __all__ = ["Progress"]
 
@@ -88,6 +89,7 @@ class Progress:
         self.live_mode = live
         self.interval = interval
         self.rows: dict[str, _Row] = {}
+        self.usage = Usage()
         self._live: Live | None = None
 
     def __enter__(self) -> Progress:
@@ -160,6 +162,8 @@ class Progress:
             row.running = row.retrying = 0
             if not self.live_mode or result.skipped_reason:
                 why = f" ({result.skipped_reason})" if result.skipped_reason else ""
+                if result.usage and not self.live_mode:
+                    why += f"; so far {self._spent()}"
                 self._print(
                     f"stage {result.name}: {result.committed} committed, {result.failed} "
                     f"failed, {result.skipped} skipped of {result.total} in "
@@ -174,6 +178,7 @@ class Progress:
         result = event.result
         row = self.rows[result.stage]
         row.busy += result.duration_s
+        self.usage.add(result.usage)
         if result.status == "committed":
             row.committed += 1
         elif result.status == "failed":
@@ -187,8 +192,18 @@ class Progress:
                 f"{row.failed} failed, {row.running} running, ETA {row.eta()}"
             )
 
+    def _spent(self) -> str:
+        usage = self.usage
+        return (
+            f"{usage.requests} model requests, {usage.input_tokens + usage.cache_read_tokens} "
+            f"tokens in, {usage.output_tokens} out, ${usage.cost_usd:.4f}"
+        )
+
     def _table(self) -> Table:
-        table = Table(box=None, pad_edge=False, header_style="bold")
+        caption = self._spent() if self.usage else None
+        table = Table(
+            box=None, pad_edge=False, header_style="bold", caption=caption, caption_justify="left"
+        )
         for column in (
             "stage",
             "total",

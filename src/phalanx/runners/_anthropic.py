@@ -8,10 +8,12 @@ reaches phalanx's scheduler, which backs off and honours ``retry-after``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._config import AnthropicRunnerConfig
 from .._errors import RunnerError, UnknownPluginError
+from .._prices import Price, add_cost
 from ._base import InstanceContext, Runner, Usage
 from ._llm import (
     REFERENCE_SYSTEM,
@@ -45,11 +47,19 @@ class AnthropicRunner(Runner):
 
     type = "anthropic"
 
-    def __init__(self, config: AnthropicRunnerConfig, *, model: str, reference: bool) -> None:
+    def __init__(
+        self,
+        config: AnthropicRunnerConfig,
+        *,
+        model: str,
+        reference: bool,
+        prices: Mapping[str, Price],
+    ) -> None:
         self.sdk = _sdk()
         self.config = config
         self.model = model
         self.reference = reference
+        self.prices = prices
         key = api_key(config.api_key_env, base_url=config.base_url, runner="anthropic")
         self.client: anthropic.AsyncAnthropic = self.sdk.AsyncAnthropic(
             api_key=key, base_url=config.base_url, max_retries=0
@@ -127,12 +137,15 @@ class AnthropicRunner(Runner):
             ) from exc
         except sdk.APIConnectionError as exc:  # includes timeouts
             raise RunnerError(f"connection to the model failed: {exc}") from exc
-        usage.requests += 1
         used = reply.usage
-        usage.input_tokens += used.input_tokens
-        usage.output_tokens += used.output_tokens
-        usage.cache_read_tokens += used.cache_read_input_tokens or 0
-        usage.cache_write_tokens += used.cache_creation_input_tokens or 0
+        spent = Usage(
+            requests=1,
+            input_tokens=used.input_tokens,  # Anthropic's already excludes cached tokens
+            output_tokens=used.output_tokens,
+            cache_read_tokens=used.cache_read_input_tokens or 0,
+            cache_write_tokens=used.cache_creation_input_tokens or 0,
+        )
+        add_cost(usage, spent, self.model, self.prices)
         return reply
 
 

@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from .._usage import Usage
+
 __all__ = ["InputRef", "InstanceContext", "Runner", "Usage"]
-
-
-@dataclass
-class Usage:
-    """What an attempt consumed from its model provider; runners add to it as they go, so a
-    failed attempt's spending is counted too. ``input_tokens`` excludes cached tokens (read or
-    written), whatever the provider's own convention."""
-
-    requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-
-    def add(self, other: Usage) -> None:
-        for item in fields(self):
-            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
-
-    def to_json(self) -> dict[str, int]:
-        return {item.name: getattr(self, item.name) for item in fields(self)}
-
-    def __bool__(self) -> bool:
-        return any(getattr(self, item.name) for item in fields(self))
 
 
 @dataclass(frozen=True)

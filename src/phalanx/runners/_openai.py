@@ -8,10 +8,12 @@ LM Studio): set ``base_url``. The SDK's own retries are off (``max_retries=0``) 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._config import OpenAIRunnerConfig
 from .._errors import RunnerError, UnknownPluginError
+from .._prices import Price, add_cost
 from ._base import InstanceContext, Runner, Usage
 from ._llm import (
     REFERENCE_SYSTEM,
@@ -45,11 +47,19 @@ class OpenAIRunner(Runner):
 
     type = "openai"
 
-    def __init__(self, config: OpenAIRunnerConfig, *, model: str, reference: bool) -> None:
+    def __init__(
+        self,
+        config: OpenAIRunnerConfig,
+        *,
+        model: str,
+        reference: bool,
+        prices: Mapping[str, Price],
+    ) -> None:
         self.sdk = _sdk()
         self.config = config
         self.model = model
         self.reference = reference
+        self.prices = prices
         key = api_key(config.api_key_env, base_url=config.base_url, runner="openai")
         self.client: openai.AsyncOpenAI = self.sdk.AsyncOpenAI(
             api_key=key, base_url=config.base_url, max_retries=0
@@ -123,13 +133,14 @@ class OpenAIRunner(Runner):
             ) from exc
         except sdk.APIConnectionError as exc:  # includes timeouts
             raise RunnerError(f"connection to the model failed: {exc}") from exc
-        usage.requests += 1
+        spent = Usage(requests=1)
         if reply.usage is not None:
             details = reply.usage.prompt_tokens_details
             cached = (details.cached_tokens or 0) if details is not None else 0
-            usage.input_tokens += reply.usage.prompt_tokens - cached
-            usage.cache_read_tokens += cached
-            usage.output_tokens += reply.usage.completion_tokens
+            spent.input_tokens = reply.usage.prompt_tokens - cached  # OpenAI counts cached in
+            spent.cache_read_tokens = cached
+            spent.output_tokens = reply.usage.completion_tokens
+        add_cost(usage, spent, self.model, self.prices)
         if not reply.choices:
             raise RunnerError("the model returned no choices")
         return reply

@@ -26,7 +26,7 @@ from .._errors import RunnerError
 from .._templates import TemplateKeyError, render_config, stringify
 from ._base import InstanceContext, Runner
 
-__all__ = ["CommandRunner", "tail"]
+__all__ = ["CommandRunner", "kill_group", "tail", "terminate"]
 
 _TAIL_LINES = 20
 _TAIL_BYTES = 4096
@@ -147,10 +147,10 @@ class CommandRunner(Runner):
                     process.stdin.close()
                 code = await process.wait()
             except BaseException:
-                await _terminate(process, self.config.kill_grace)
+                await terminate(process, self.config.kill_grace)
                 raise
             finally:
-                _kill_group(process.pid, signal.SIGKILL)
+                kill_group(process.pid, signal.SIGKILL)
         if code != 0:
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             raise RunnerError(
@@ -158,7 +158,7 @@ class CommandRunner(Runner):
             )
 
 
-def _kill_group(pgid: int, sig: signal.Signals) -> bool:
+def kill_group(pgid: int, sig: signal.Signals) -> bool:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -166,15 +166,15 @@ def _kill_group(pgid: int, sig: signal.Signals) -> bool:
     return True
 
 
-async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
+async def terminate(process: asyncio.subprocess.Process, grace: float) -> None:
     """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL it; reap the leader."""
-    if _kill_group(process.pid, signal.SIGTERM):
+    if kill_group(process.pid, signal.SIGTERM):
         try:
             async with asyncio.timeout(grace):
                 await asyncio.shield(process.wait())
         except TimeoutError:
             pass
-    _kill_group(process.pid, signal.SIGKILL)
+    kill_group(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         process.kill()
     await asyncio.shield(process.wait())

@@ -1,0 +1,38 @@
+"""Token usage and cost of model calls, per attempt and summed per instance, stage and run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+__all__ = ["Usage"]
+
+
+@dataclass
+class Usage:
+    """What an attempt consumed from its model provider; runners add to it as they go, so a
+    failed attempt's spending is counted too. ``input_tokens`` excludes cached tokens (read or
+    written), whatever the provider's own convention; ``cost_usd`` is priced from the
+    pipeline's price table (or reported by the agent itself, as Claude Code does)."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
+    """Requests to models with no known price: their cost is not in ``cost_usd``."""
+
+    def add(self, other: Usage) -> None:
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
+    def to_json(self) -> dict[str, int | float]:
+        data: dict[str, int | float] = {
+            item.name: getattr(self, item.name) for item in fields(self)
+        }
+        data["cost_usd"] = round(self.cost_usd, 6)
+        return data
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, item.name) for item in fields(self))
