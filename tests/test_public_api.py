@@ -17,7 +17,7 @@ EXPECTED = {
     "PartitionKeyError", "PartitionSource", "PermanentError", "PhalanxError", "Pipeline",
     "PipelineError", "Plan", "RateLimited", "RunEnded", "RunHandle", "RunResult", "RunStarted",
     "Runner", "RunnerError", "RunnerTimeout", "StageEnded", "StagePlan", "StageResult",
-    "StageStarted", "UnknownPluginError", "UsageError", "fan_out", "load_blueprint",
+    "StageStarted", "UnknownPluginError", "Usage", "UsageError", "fan_out", "load_blueprint",
     "load_partitions", "load_pipeline", "plan_pipeline", "run_pipeline", "run_plan",
 }  # fmt: skip
 

@@ -41,6 +41,7 @@ from ._partitions import Partition, PartitionSource, load_partitions
 from ._pipeline import InstancePlan, Pipeline, Plan, StagePlan, load_pipeline, plan_pipeline
 from ._results import AttemptRecord, InstanceResult, RunResult, StageResult
 from ._scheduler import RunHandle, run_plan
+from ._usage import Usage
 from .runners import InputRef, InstanceContext, Runner
 
 __all__ = [
@@ -86,6 +87,7 @@ __all__ = [
     "StageResult",
     "StageStarted",
     "UnknownPluginError",
+    "Usage",
     "UsageError",
     "fan_out",
     "load_blueprint",

@@ -341,6 +341,7 @@ def loopback(
             click.echo(f"loopback LLM listening on {server.url}", err=False)
             click.echo(f"  anthropic runner: base_url: {server.url}")
             click.echo(f"  openai runner:    base_url: {server.url}/v1")
+            click.echo(f"  claude-code:      base_url: {server.url}")
             click.echo("  any API key is accepted; Ctrl-C stops it", err=False)
             sys.stdout.flush()
             await stop.wait()
