@@ -555,3 +555,24 @@ def test_command_line_and_environment_of_one_attempt(
     assert f"- {ctx.inputs[0].path} (output of research org_a)" in prompt
     assert "- PERIOD: 2025-09" in prompt
     assert "research/org_b" in prompt
+
+
+def test_a_stream_cut_in_the_middle_loses_nothing(tmp_path: Path, claude: str) -> None:
+    """Claude Code streams its model calls; a stream the server cuts mid-response is survived
+    (by the CLI's own retry or by phalanx's next attempt) and every partition commits."""
+    project = tmp_path / "project"
+    with LoopbackLLM(
+        faults=[Fault.cut_stream(first=1, after_events=3)]
+    ).running_in_thread() as server:
+        pipeline = write_project(
+            project,
+            claude,
+            server.url,
+            research_stage("ab"),
+            defaults="concurrency: 1\nretries: 2\ntimeout: 60s\n",
+        )
+        result = run(pipeline)
+
+    stage = result.stage("research")
+    assert (stage.committed, stage.failed) == (2, 0), result.to_json()
+    assert server.counters.faults == 1

@@ -359,3 +359,47 @@ def test_retry_after_from_the_provider_is_honoured(tmp_path: Path) -> None:
     ]
     assert len(delays) == server.counters.rate_limited
     assert min(delays) >= 1.0
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_usage_and_cost_are_summed_across_retries(tmp_path: Path, api: str) -> None:
+    """The tokens and cost of a rejected attempt count too: an instance's usage is the sum of
+    its attempts', the stage's the sum of its instances', and the cost follows the prices."""
+
+    def model(conversation: Conversation) -> Reply:
+        if conversation.assistant_turns > 0:
+            return Reply(text="Done.")
+        fixed = "previous attempt was rejected" in conversation.first_user_text
+        content = "[]" if fixed else "{"
+        return Reply(
+            tool_calls=(
+                ToolCall("write_file", {"path": "activities.json", "content": content}),
+                ToolCall("write_file", {"path": "sources.md", "content": "# Sources\n"}),
+            )
+        )
+
+    server = LoopbackLLM(default_model=model)
+
+    async def go() -> RunResult:
+        async with server:
+            pipeline = project(tmp_path, api, server.url, keys="a")
+            pipeline.write_text(
+                pipeline.read_text() + "prices:\n  loopback-model: {input: 3.0, output: 15.0}\n"
+            )
+            return await run_pipeline(pipeline)
+
+    result = asyncio.run(go())
+    (inst,) = result.stage("research").instances
+    first, second = (attempt.usage for attempt in inst.attempts)
+    assert first is not None
+    assert second is not None
+    assert (first.requests, second.requests) == (2, 2)
+    total = inst.usage
+    assert total.requests == 4 == len(server.requests)
+    assert total.output_tokens == first.output_tokens + second.output_tokens
+    assert total.cost_usd == pytest.approx(first.cost_usd + second.cost_usd)
+    assert total.cost_usd == pytest.approx(
+        (total.input_tokens * 3.0 + total.cache_read_tokens * 3.0 + total.output_tokens * 15.0)
+        / 1_000_000
+    )
+    assert result.usage.cost_usd == pytest.approx(total.cost_usd)
