@@ -18,8 +18,8 @@ from phalanx.runners._llm import (
     api_key,
     classify_status,
     file_tools,
+    opening,
     retry_after_seconds,
-    task_message,
 )
 
 
@@ -102,7 +102,7 @@ def test_task_message_and_mounts(tmp_path: Path) -> None:
         "references/orgs.json": tmp_path / "references/orgs.json",
         "agents/02.analysis.md": blueprint,
     }
-    text = task_message(ctx, tools)
+    text = opening(ctx, reference=False)[2]
     assert "instance `org_1` of stage `analysis` (attempt 2)" in text
     assert "- ORGANIZATION_ID: org_1" in text
     assert "lower" not in text

@@ -32,9 +32,8 @@ from typing import Any
 
 from .._config import ClaudeCodeRunnerConfig
 from .._errors import RunnerError, UsageError
-from .._templates import stringify
 from ._base import InstanceContext, Runner
-from ._llm import api_key, classify_status
+from ._llm import api_key, classify_status, task_message
 from .command import kill_group, tail, terminate
 
 __all__ = ["ClaudeCodeRunner"]
@@ -264,42 +263,22 @@ def _readable(ctx: InstanceContext) -> tuple[list[Path], list[Path]]:
 
 
 def _task_text(ctx: InstanceContext, *, reference: bool) -> str:
-    """The task part of the prompt: who the instance is, its parameters, what to write and
-    what it may read. ``Expected files: ...`` is one line, names in backticks."""
-    lines = [f"You are instance `{ctx.key}` of stage `{ctx.stage}` (attempt {ctx.attempt})."]
-    params = [
-        f"- {name}: {stringify(value)}"
-        for name, value in ctx.params.items()
-        if name.isupper() and name.isidentifier()
-    ]
-    if params:
-        lines += ["", "Parameters:", *params]
-    lines += [
-        "",
-        "Your working directory is your output folder: write every output file there, with "
-        "paths relative to it, and write nothing anywhere else.",
-    ]
-    if ctx.expected:
-        lines.append("Expected files: " + ", ".join(f"`{name}`" for name in ctx.expected) + ".")
+    """The task part of the prompt, naming absolute paths: Claude Code's tools take them."""
     readable = [f"- {ref.path} (output of {ref.stage} {ref.key})" for ref in ctx.inputs]
     readable += [f"- {ctx.project_dir / rel}" for rel in ctx.reads]
     if reference and ctx.blueprint is not None:
         readable.append(f"- {ctx.blueprint} (the blueprint)")
-    if readable:
-        lines += ["", "You may read these, and must not change them:", *readable]
-    lines.append(
-        f"The project folder is {ctx.project_dir}; paths the instructions above name are "
-        "relative to it."
+    return task_message(
+        ctx,
+        writing="Your working directory is your output folder: write every output file there, "
+        "with paths relative to it, and write nothing anywhere else.",
+        reading="You may read these, and must not change them:",
+        readable=readable,
+        notes=[
+            f"The project folder is {ctx.project_dir}; paths the instructions above name are "
+            "relative to it."
+        ],
     )
-    if ctx.missing:
-        lines.append("These inputs did not complete and are absent: " + ", ".join(ctx.missing))
-    if ctx.feedback:
-        lines += [
-            "",
-            f"Your previous attempt was rejected: {ctx.feedback}. Fix this in this attempt.",
-        ]
-    lines += ["", "When every file is written, reply with one short sentence and stop."]
-    return "\n".join(lines)
 
 
 def _result(path: Path) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ __all__ = [
     "api_key",
     "classify_status",
     "file_tools",
+    "opening",
     "provider_message",
     "retry_after_seconds",
     "task_message",
@@ -58,8 +59,18 @@ def file_tools(ctx: InstanceContext) -> FileTools:
     return FileTools(ctx.output_dir, mounts)
 
 
-def task_message(ctx: InstanceContext, tools: FileTools) -> str:
-    """The user message that starts an instance: who it is, its parameters, what to write."""
+def task_message(
+    ctx: InstanceContext,
+    *,
+    writing: str,
+    reading: str,
+    readable: Sequence[str],
+    notes: Sequence[str] = (),
+) -> str:
+    """The task an instance is given: who it is, its parameters, how to write (``writing``),
+    the files the stage expects — on one ``Expected files:`` line, names in backticks — what it
+    may read (``reading`` above the ``readable`` items), ``notes``, the inputs that are missing,
+    and why its previous attempt was rejected."""
     lines = [f"You are instance `{ctx.key}` of stage `{ctx.stage}` (attempt {ctx.attempt})."]
     params = [
         f"- {name}: {stringify(value)}"
@@ -68,19 +79,12 @@ def task_message(ctx: InstanceContext, tools: FileTools) -> str:
     ]
     if params:
         lines += ["", "Parameters:", *params]
-    lines += [
-        "",
-        "Write every output file with the write_file tool; paths are relative to your output "
-        "folder.",
-    ]
+    lines += ["", writing]
     if ctx.expected:
         lines.append("Expected files: " + ", ".join(f"`{name}`" for name in ctx.expected) + ".")
-    if tools.mounts:
-        lines += [
-            "",
-            "You may read (read_file, list_files), read-only:",
-            *(f"- `{name}`" for name in sorted(tools.mounts)),
-        ]
+    if readable:
+        lines += ["", reading, *readable]
+    lines += list(notes)
     if ctx.missing:
         lines.append("These inputs did not complete and are absent: " + ", ".join(ctx.missing))
     if ctx.feedback:
@@ -90,6 +94,23 @@ def task_message(ctx: InstanceContext, tools: FileTools) -> str:
         ]
     lines += ["", "When every file is written, reply with one short sentence and stop."]
     return "\n".join(lines)
+
+
+def opening(ctx: InstanceContext, *, reference: bool) -> tuple[FileTools, str, str]:
+    """The file tools, system prompt and first user message of an API runner's conversation:
+    the blueprint as system prompt (inline mode), or the reference wording leading the user
+    message (reference mode)."""
+    tools = file_tools(ctx)
+    user = task_message(
+        ctx,
+        writing="Write every output file with the write_file tool; paths are relative to your "
+        "output folder.",
+        reading="You may read (read_file, list_files), read-only:",
+        readable=[f"- `{name}`" for name in sorted(tools.mounts)],
+    )
+    if reference:
+        return tools, REFERENCE_SYSTEM, ctx.prompt + "\n\n" + user
+    return tools, ctx.prompt, user
 
 
 def classify_status(

@@ -16,14 +16,12 @@ from .._errors import RunnerError, UnknownPluginError
 from .._prices import Price, add_cost
 from ._base import InstanceContext, Runner, Usage
 from ._llm import (
-    REFERENCE_SYSTEM,
     Transcript,
     api_key,
     classify_status,
-    file_tools,
+    opening,
     provider_message,
     retry_after_seconds,
-    task_message,
 )
 
 if TYPE_CHECKING:
@@ -69,11 +67,7 @@ class OpenAIRunner(Runner):
         await self.client.close()
 
     async def run(self, ctx: InstanceContext) -> None:
-        tools = file_tools(ctx)
-        system = REFERENCE_SYSTEM if self.reference else ctx.prompt
-        user = task_message(ctx, tools)
-        if self.reference:
-            user = ctx.prompt + "\n\n" + user
+        tools, system, user = opening(ctx, reference=self.reference)
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": system},
             {"role": "user", "content": user},
