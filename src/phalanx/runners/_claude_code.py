@@ -22,11 +22,9 @@ CLI left in its group is killed when it exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from .._config import ClaudeCodeRunnerConfig
 from .._errors import RunnerError, UsageError
 from ._base import InstanceContext, Runner
 from ._llm import api_key, classify_status, task_message
-from .command import kill_group, tail, terminate
+from .command import run_process, tail
 
 __all__ = ["ClaudeCodeRunner"]
 
@@ -178,31 +176,15 @@ class ClaudeCodeRunner(Runner):
         env = self.environment(ctx, home)
         stdout_path = ctx.log_dir / "stdout.log"
         stderr_path = ctx.log_dir / "stderr.log"
-        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=out,
-                    stderr=err,
-                    cwd=ctx.output_dir,
-                    env=env,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise RunnerError(f"cannot start Claude Code ({argv[0]!r}): {exc}") from exc
-            try:
-                assert process.stdin is not None  # noqa: S101 - stdin=PIPE above
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    process.stdin.write(prompt.encode("utf-8"))
-                    await process.stdin.drain()
-                process.stdin.close()
-                code = await process.wait()
-            except BaseException:
-                await terminate(process, self.config.kill_grace)
-                raise
-            finally:
-                kill_group(process.pid, signal.SIGKILL)
+        code = await run_process(
+            argv,
+            stdin=prompt,
+            cwd=ctx.output_dir,
+            env=env,
+            stdout=stdout_path,
+            stderr=stderr_path,
+            kill_grace=self.config.kill_grace,
+        )
         # Reading the result and copying the transcript is file work: off the event loop.
         await asyncio.to_thread(self._outcome, ctx, code, home, stdout_path, stderr_path)
 

@@ -26,7 +26,7 @@ from .._errors import RunnerError
 from .._templates import TemplateKeyError, render_config, stringify
 from ._base import InstanceContext, Runner
 
-__all__ = ["CommandRunner", "kill_group", "tail", "terminate"]
+__all__ = ["CommandRunner", "kill_group", "run_process", "tail", "terminate"]
 
 _TAIL_LINES = 20
 _TAIL_BYTES = 4096
@@ -124,38 +124,62 @@ class CommandRunner(Runner):
         env = self.environment(ctx, prompt_file)
         stdout_path = ctx.log_dir / "stdout.log"
         stderr_path = ctx.log_dir / "stderr.log"
-        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.PIPE
-                    if self.config.prompt == "stdin"
-                    else asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    cwd=ctx.output_dir,
-                    env=env,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise RunnerError(f"cannot start {argv[0]!r}: {exc}") from exc
-            try:
-                if process.stdin is not None:
-                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        process.stdin.write(ctx.prompt.encode("utf-8"))
-                        await process.stdin.drain()
-                    process.stdin.close()
-                code = await process.wait()
-            except BaseException:
-                await terminate(process, self.config.kill_grace)
-                raise
-            finally:
-                kill_group(process.pid, signal.SIGKILL)
+        code = await run_process(
+            argv,
+            stdin=ctx.prompt if self.config.prompt == "stdin" else None,
+            cwd=ctx.output_dir,
+            env=env,
+            stdout=stdout_path,
+            stderr=stderr_path,
+            kill_grace=self.config.kill_grace,
+        )
         if code != 0:
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             raise RunnerError(
                 f"{Path(argv[0]).name} {how}", detail=tail(stderr_path) or tail(stdout_path)
             )
+
+
+async def run_process(
+    argv: list[str],
+    *,
+    stdin: str | None,
+    cwd: Path,
+    env: Mapping[str, str],
+    stdout: Path,
+    stderr: Path,
+    kill_grace: float,
+) -> int:
+    """Run ``argv`` in its own process group, ``stdin`` written to it (``None``: no input),
+    output captured into the two files; returns the exit status (negative: killed by a
+    signal). If the awaiting task is cancelled (timeout, abort, Ctrl-C) the whole group gets
+    SIGTERM, then SIGKILL after ``kill_grace``; whatever is left in the group when the program
+    exits is killed too."""
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+                stdout=out,
+                stderr=err,
+                cwd=cwd,
+                env=dict(env),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise RunnerError(f"cannot start {argv[0]!r}: {exc}") from exc
+        try:
+            if process.stdin is not None:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    process.stdin.write((stdin or "").encode("utf-8"))
+                    await process.stdin.drain()
+                process.stdin.close()
+            return await process.wait()
+        except BaseException:
+            await terminate(process, kill_grace)
+            raise
+        finally:
+            kill_group(process.pid, signal.SIGKILL)
 
 
 def kill_group(pgid: int, sig: signal.Signals) -> bool:
