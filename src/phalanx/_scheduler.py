@@ -46,6 +46,7 @@ from ._notes import Notes
 from ._pipeline import STATE_DIR, InstancePlan, Plan, StagePlan
 from ._results import AttemptRecord, InstanceResult, RunResult, StageResult
 from .runners import InputRef, InstanceContext, Runner, create_runner
+from .runners._llm import Clients
 
 __all__ = ["RunHandle", "backoff_delay", "check_runners", "new_run_id", "run_plan"]
 
@@ -72,7 +73,9 @@ def check_runners(plan: Plan) -> None:
         _stage_tools(plan, stage, None)
 
 
-def _stage_tools(plan: Plan, stage: StagePlan, given: Runner | None) -> tuple[Runner, OutputRules]:
+def _stage_tools(
+    plan: Plan, stage: StagePlan, given: Runner | None, clients: Clients | None = None
+) -> tuple[Runner, OutputRules]:
     runner = given
     if runner is None:
         where = plan.pipeline.where("stages", plan.index(stage.name), "runner")
@@ -83,6 +86,7 @@ def _stage_tools(plan: Plan, stage: StagePlan, given: Runner | None) -> tuple[Ru
             blueprint_model=stage.blueprint.model if stage.blueprint else None,
             reference=stage.prompt_mode == "reference",
             prices=plan.pipeline.config.prices,
+            clients=clients,
         )
     schemas = {
         name: load_schema(path, display=str(path.relative_to(plan.project_dir)))
@@ -194,6 +198,7 @@ class _Run:
         self.active: set[_StageState] = set()
         self.summaries: list[Path] = []
         self.committed: dict[str, set[str]] = {}
+        self.clients = Clients()
         self.logs = self.state_dir / "runs" / run_id / "logs"
 
     def _io(self, function: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
@@ -221,7 +226,9 @@ class _Run:
 
     def _prepare(self, stage: StagePlan) -> _StageState:
         """Everything that can fail on bad input is done before the first instance starts."""
-        runner, rules = _stage_tools(self.plan, stage, self.given_runners.get(stage.name))
+        runner, rules = _stage_tools(
+            self.plan, stage, self.given_runners.get(stage.name), self.clients
+        )
         limit = self.override or stage.concurrency
         return _StageState(stage, runner, rules, limit, asyncio.Semaphore(limit))
 
@@ -248,6 +255,7 @@ class _Run:
             self.pool.shutdown(wait=False)  # every task above awaited its own work
             for state in states.values():
                 await state.runner.aclose()
+            await self.clients.aclose()
         result = RunResult(
             run_id=self.run_id,
             pipeline=self.plan.pipeline.config.name,

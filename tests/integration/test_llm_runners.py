@@ -403,3 +403,36 @@ def test_usage_and_cost_are_summed_across_retries(tmp_path: Path, api: str) -> N
         / 1_000_000
     )
     assert result.usage.cost_usd == pytest.approx(total.cost_usd)
+
+
+def test_stages_with_the_same_endpoint_and_key_share_one_client(tmp_path: Path) -> None:
+    """Two stages talking to one endpoint with one key get the same SDK client (one connection
+    pool); a stage with another endpoint gets its own; the run closes them."""
+    from phalanx import load_pipeline, plan_pipeline
+    from phalanx._scheduler import _stage_tools
+    from phalanx.runners._llm import Clients
+
+    pipeline = project(tmp_path, "openai", "http://127.0.0.1:9", keys="a", extra=", model: m")
+    pipeline.write_text(
+        pipeline.read_text()
+        + textwrap.indent(
+            textwrap.dedent(
+                """\
+                - {name: again, needs: [research], output: "again/{ORGANIZATION_ID}/"}
+                - name: elsewhere
+                  needs: [research]
+                  output: "elsewhere/{ORGANIZATION_ID}/"
+                  runner: {base_url: "http://127.0.0.1:10/v1"}
+                """
+            ),
+            "  ",
+        )
+    )
+    plan = plan_pipeline(load_pipeline(pipeline))
+    clients = Clients()
+    runners = [_stage_tools(plan, stage, None, clients)[0] for stage in plan.stages]
+    first, again, elsewhere = (getattr(runner, "client") for runner in runners)  # noqa: B009
+    assert first is again
+    assert elsewhere is not first
+    asyncio.run(clients.aclose())
+    assert first.is_closed()

@@ -15,6 +15,7 @@ from .._config import (
 from .._errors import UsageError
 from .._prices import Price, default_prices
 from ._base import InputRef, InstanceContext, Runner, Usage
+from ._llm import Clients
 from .command import CommandRunner
 from .python import PythonRunner, import_callable
 
@@ -29,11 +30,13 @@ def create_runner(
     blueprint_model: str | None = None,
     reference: bool = False,
     prices: Mapping[str, Price] | None = None,
+    clients: Clients | None = None,
 ) -> Runner:
     """A runner for one stage. ``where`` names the stage's runner setting in messages; an LLM
     runner without a ``model`` takes the blueprint's; ``reference`` says the prompt is the
     reference-mode wording rather than the rendered blueprint; ``prices`` add to or replace
-    entries of the shipped price table."""
+    entries of the shipped price table; ``clients`` shares SDK clients between the stages of
+    a run."""
     if isinstance(config, PythonRunnerConfig):
         function = import_callable(config.function, project_dir=project_dir, what=where)
         return PythonRunner(function)
@@ -55,9 +58,11 @@ def create_runner(
         if isinstance(config, AnthropicRunnerConfig):
             from ._anthropic import AnthropicRunner  # noqa: PLC0415 - loads an optional SDK
 
-            return AnthropicRunner(config, model=model, reference=reference, prices=table)
+            return AnthropicRunner(
+                config, model=model, reference=reference, prices=table, clients=clients
+            )
         from ._openai import OpenAIRunner  # noqa: PLC0415 - loads an optional SDK
 
-        return OpenAIRunner(config, model=model, reference=reference, prices=table)
+        return OpenAIRunner(config, model=model, reference=reference, prices=table, clients=clients)
     except UsageError as exc:
         raise type(exc)(f"{where}: {exc}") from None

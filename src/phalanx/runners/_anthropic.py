@@ -16,6 +16,7 @@ from .._errors import RunnerError, UnknownPluginError
 from .._prices import Price, add_cost
 from ._base import InstanceContext, Runner, Usage
 from ._llm import (
+    Clients,
     Transcript,
     api_key,
     classify_status,
@@ -52,6 +53,7 @@ class AnthropicRunner(Runner):
         model: str,
         reference: bool,
         prices: Mapping[str, Price],
+        clients: Clients | None = None,
     ) -> None:
         self.sdk = _sdk()
         self.config = config
@@ -59,12 +61,18 @@ class AnthropicRunner(Runner):
         self.reference = reference
         self.prices = prices
         key = api_key(config.api_key_env, base_url=config.base_url, runner="anthropic")
-        self.client: anthropic.AsyncAnthropic = self.sdk.AsyncAnthropic(
-            api_key=key, base_url=config.base_url, max_retries=0
+
+        def make() -> Any:
+            return self.sdk.AsyncAnthropic(api_key=key, base_url=config.base_url, max_retries=0)
+
+        self.owned = clients is None
+        self.client: anthropic.AsyncAnthropic = (
+            make() if clients is None else clients.get("anthropic", config.base_url, key, make)
         )
 
     async def aclose(self) -> None:
-        await self.client.close()
+        if self.owned:
+            await self.client.close()
 
     async def run(self, ctx: InstanceContext) -> None:
         tools, system, user = opening(ctx, reference=self.reference)

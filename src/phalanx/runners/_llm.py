@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from .tools import FileTools
 
 __all__ = [
     "REFERENCE_SYSTEM",
+    "Clients",
     "Transcript",
     "api_key",
     "classify_status",
@@ -155,6 +156,26 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+class Clients:
+    """SDK clients shared by every stage of a run that talks to the same provider, endpoint and
+    key: one connection pool each, however many stages use it. The run closes them at its end."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[str, str | None, str], Any] = {}
+
+    def get(self, provider: str, base_url: str | None, key: str, make: Callable[[], Any]) -> Any:
+        """The client for ``(provider, base_url, key)``, made by ``make`` the first time."""
+        name = (provider, base_url, key)
+        if name not in self._made:
+            self._made[name] = make()
+        return self._made[name]
+
+    async def aclose(self) -> None:
+        for client in self._made.values():
+            await client.close()
+        self._made.clear()
 
 
 class Transcript:
