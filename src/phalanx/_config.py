@@ -99,6 +99,9 @@ class AnthropicRunnerConfig(_LLMRunnerConfig):
 
     type: Literal["anthropic"] = "anthropic"
     api_key_env: str = "ANTHROPIC_API_KEY"
+    server_tools: list[dict[str, Any]] = Field(default_factory=list)
+    """Tools Anthropic runs itself, passed through as written, e.g.
+    ``{type: web_search_20250305, name: web_search, max_uses: 5}``."""
 
 
 class OpenAIRunnerConfig(_LLMRunnerConfig):

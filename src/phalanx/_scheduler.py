@@ -87,6 +87,7 @@ def _stage_tools(
             reference=stage.prompt_mode == "reference",
             prices=plan.pipeline.config.prices,
             clients=clients,
+            blueprint_tools=stage.blueprint.tools if stage.blueprint else (),
         )
     schemas = {
         name: load_schema(path, display=str(path.relative_to(plan.project_dir)))

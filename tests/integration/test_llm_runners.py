@@ -436,3 +436,32 @@ def test_stages_with_the_same_endpoint_and_key_share_one_client(tmp_path: Path) 
     assert elsewhere is not first
     asyncio.run(clients.aclose())
     assert first.is_closed()
+
+
+def test_provider_side_tools_are_passed_through(tmp_path: Path) -> None:
+    """A blueprint naming ``web_search`` and a runner's ``server_tools`` reach Anthropic as
+    server tool definitions, beside phalanx's file tools."""
+    server = LoopbackLLM()
+
+    async def go() -> RunResult:
+        async with server:
+            pipeline = project(
+                tmp_path,
+                "anthropic",
+                server.url,
+                keys="a",
+                extra=", server_tools: [{type: code_execution_20250522, name: code_execution}]",
+            )
+            blueprint = tmp_path / "agents/research.md"
+            blueprint.write_text(
+                blueprint.read_text().replace("model:", "tools: [web_search]\nmodel:")
+            )
+            return await run_pipeline(pipeline)
+
+    assert asyncio.run(go()).stage("research").committed == 1
+    body = server.requests[0].body
+    assert body is not None
+    tools = body["tools"]
+    names = [tool["name"] for tool in tools]
+    assert names == ["write_file", "read_file", "list_files", "code_execution", "web_search"]
+    assert tools[-1]["type"] == "web_search_20250305"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .._config import (
@@ -31,12 +31,14 @@ def create_runner(
     reference: bool = False,
     prices: Mapping[str, Price] | None = None,
     clients: Clients | None = None,
+    blueprint_tools: Sequence[str] = (),
 ) -> Runner:
     """A runner for one stage. ``where`` names the stage's runner setting in messages; an LLM
     runner without a ``model`` takes the blueprint's; ``reference`` says the prompt is the
     reference-mode wording rather than the rendered blueprint; ``prices`` add to or replace
     entries of the shipped price table; ``clients`` shares SDK clients between the stages of
-    a run."""
+    a run; ``blueprint_tools`` are the blueprint's ``tools`` (provider-side ones such as
+    ``web_search`` are passed to the provider)."""
     if isinstance(config, PythonRunnerConfig):
         function = import_callable(config.function, project_dir=project_dir, what=where)
         return PythonRunner(function)
@@ -59,7 +61,12 @@ def create_runner(
             from ._anthropic import AnthropicRunner  # noqa: PLC0415 - loads an optional SDK
 
             return AnthropicRunner(
-                config, model=model, reference=reference, prices=table, clients=clients
+                config,
+                model=model,
+                reference=reference,
+                prices=table,
+                clients=clients,
+                blueprint_tools=blueprint_tools,
             )
         from ._openai import OpenAIRunner  # noqa: PLC0415 - loads an optional SDK
 

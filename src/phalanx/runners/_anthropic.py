@@ -8,7 +8,7 @@ reaches phalanx's scheduler, which backs off and honours ``retry-after``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._config import AnthropicRunnerConfig
@@ -54,12 +54,14 @@ class AnthropicRunner(Runner):
         reference: bool,
         prices: Mapping[str, Price],
         clients: Clients | None = None,
+        blueprint_tools: Sequence[str] = (),
     ) -> None:
         self.sdk = _sdk()
         self.config = config
         self.model = model
         self.reference = reference
         self.prices = prices
+        self.server_tools = [*config.server_tools, *_named_server_tools(blueprint_tools)]
         key = api_key(config.api_key_env, base_url=config.base_url, runner="anthropic")
 
         def make() -> Any:
@@ -80,13 +82,14 @@ class AnthropicRunner(Runner):
         transcript = Transcript(ctx)
         try:
             transcript.write("request", model=self.model, system=system, messages=messages)
+            offered = [*tools.definitions("anthropic"), *self.server_tools]
             for _turn in range(self.config.max_turns):
-                reply = await self._create(
-                    system, messages, tools.definitions("anthropic"), ctx.usage
-                )
+                reply = await self._create(system, messages, offered, ctx.usage)
                 blocks = [_echo(block) for block in reply.content]
                 messages.append({"role": "assistant", "content": blocks})
                 transcript.write("assistant", content=blocks, stop_reason=reply.stop_reason)
+                if reply.stop_reason == "pause_turn":
+                    continue  # a long server-tool turn: send it back for Anthropic to resume
                 calls = [block for block in reply.content if block.type == "tool_use"]
                 if not calls:
                     return
@@ -162,3 +165,11 @@ def _echo(block: Any) -> dict[str, Any]:
         return {"type": "tool_use", "id": block.id, "name": block.name, "input": arguments}
     dumped: dict[str, Any] = block.model_dump(exclude_none=True)
     return dumped
+
+
+_SERVER_TOOLS = {"web_search": {"type": "web_search_20250305", "name": "web_search"}}
+"""Provider-side tools a blueprint may name in its ``tools`` list."""
+
+
+def _named_server_tools(names: Sequence[str]) -> list[dict[str, Any]]:
+    return [dict(_SERVER_TOOLS[name]) for name in names if name in _SERVER_TOOLS]
