@@ -30,6 +30,7 @@ __all__ = [
     "Defaults",
     "ExpectSpec",
     "GroupBy",
+    "LLMRunnerConfig",
     "OpenAIRunnerConfig",
     "PipelineConfig",
     "PythonRunnerConfig",
@@ -82,7 +83,7 @@ class CommandRunnerConfig(_Model):
     kill_grace: Duration = 2.0
 
 
-class _LLMRunnerConfig(_Model):
+class LLMRunnerConfig(_Model):
     """Settings shared by the LLM runners."""
 
     model: str | None = None
@@ -93,7 +94,7 @@ class _LLMRunnerConfig(_Model):
     temperature: float | None = Field(default=None, ge=0)
 
 
-class AnthropicRunnerConfig(_LLMRunnerConfig):
+class AnthropicRunnerConfig(LLMRunnerConfig):
     """``runner: {type: anthropic, model: claude-sonnet-4-6}``: the Messages API with phalanx's
     file tools. ``model`` defaults to the blueprint's."""
 
@@ -104,7 +105,7 @@ class AnthropicRunnerConfig(_LLMRunnerConfig):
     ``{type: web_search_20250305, name: web_search, max_uses: 5}``."""
 
 
-class OpenAIRunnerConfig(_LLMRunnerConfig):
+class OpenAIRunnerConfig(LLMRunnerConfig):
     """``runner: {type: openai, model: gpt-5-mini, base_url: ...}``: Chat Completions with
     phalanx's file tools, against OpenAI or any compatible server (vLLM, Ollama, llama.cpp,
     LM Studio)."""

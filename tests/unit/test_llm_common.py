@@ -109,3 +109,29 @@ def test_task_message_and_mounts(tmp_path: Path) -> None:
     assert "Expected files: `analysis.json`, `notes/summary.md`." in text
     assert "- `inputs/research/org_1`" in text
     assert "research/org_2" in text
+
+
+def test_missing_sdk_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the provider's SDK the runner cannot be built, and the error says what to
+    install."""
+    import importlib
+
+    from phalanx import UnknownPluginError
+    from phalanx._config import OpenAIRunnerConfig
+    from phalanx.runners._openai import OpenAIRunner
+
+    real = importlib.import_module
+
+    def no_openai(name: str, package: str | None = None) -> object:
+        if name == "openai":
+            raise ImportError(name)
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", no_openai)
+    with pytest.raises(UnknownPluginError, match=r"pip install 'phalanx\[openai\]'"):
+        OpenAIRunner(
+            OpenAIRunnerConfig(model="m", base_url="http://127.0.0.1:9/v1"),
+            model="m",
+            reference=False,
+            prices={},
+        )

@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._config import AnthropicRunnerConfig
-from .._errors import RunnerError, UnknownPluginError
+from .._errors import RunnerError
 from .._prices import Price, add_cost
-from ._base import InstanceContext, Runner, Usage
+from ._base import InstanceContext, Usage
 from ._llm import (
+    APIRunner,
     Clients,
     Transcript,
-    api_key,
     classify_status,
     opening,
     provider_message,
@@ -26,25 +26,21 @@ from ._llm import (
 )
 
 if TYPE_CHECKING:
+    pass
+
+if TYPE_CHECKING:
     import anthropic
 
 __all__ = ["AnthropicRunner"]
 
 
-def _sdk() -> Any:
-    try:
-        import anthropic  # noqa: PLC0415 - an optional extra, imported when the runner is used
-    except ImportError:
-        raise UnknownPluginError(
-            "the anthropic runner needs the Anthropic SDK: pip install 'phalanx[anthropic]'"
-        ) from None
-    return anthropic
-
-
-class AnthropicRunner(Runner):
+class AnthropicRunner(APIRunner):
     """Runs an instance as a Messages conversation; see the module docstring."""
 
     type = "anthropic"
+    provider = "anthropic"
+    client_class = "AsyncAnthropic"
+    client: anthropic.AsyncAnthropic
 
     def __init__(
         self,
@@ -56,25 +52,9 @@ class AnthropicRunner(Runner):
         clients: Clients | None = None,
         blueprint_tools: Sequence[str] = (),
     ) -> None:
-        self.sdk = _sdk()
+        super().__init__(config, model=model, reference=reference, prices=prices, clients=clients)
         self.config = config
-        self.model = model
-        self.reference = reference
-        self.prices = prices
         self.server_tools = [*config.server_tools, *_named_server_tools(blueprint_tools)]
-        key = api_key(config.api_key_env, base_url=config.base_url, runner="anthropic")
-
-        def make() -> Any:
-            return self.sdk.AsyncAnthropic(api_key=key, base_url=config.base_url, max_retries=0)
-
-        self.owned = clients is None
-        self.client: anthropic.AsyncAnthropic = (
-            make() if clients is None else clients.get("anthropic", config.base_url, key, make)
-        )
-
-    async def aclose(self) -> None:
-        if self.owned:
-            await self.client.close()
 
     async def run(self, ctx: InstanceContext) -> None:
         tools, system, user = opening(ctx, reference=self.reference)

@@ -3,19 +3,30 @@ provider's errors map onto phalanx's, and the transcript of an attempt."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .._errors import FatalError, PermanentError, RateLimited, RunnerError, UsageError
+from .._config import LLMRunnerConfig
+from .._errors import (
+    FatalError,
+    PermanentError,
+    RateLimited,
+    RunnerError,
+    UnknownPluginError,
+    UsageError,
+)
+from .._prices import Price
 from .._templates import stringify
-from ._base import InstanceContext
+from ._base import InstanceContext, Runner
 from .tools import FileTools
 
 __all__ = [
     "REFERENCE_SYSTEM",
+    "APIRunner",
     "Clients",
     "Transcript",
     "api_key",
@@ -156,6 +167,48 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+class APIRunner(Runner):
+    """What the Anthropic and OpenAI runners share: the optional SDK, loaded when the runner
+    is built (a missing one is reported with the command that installs it), and one client
+    with the SDK's own retries off, shared through ``clients`` when the run gives one."""
+
+    provider: ClassVar[str]
+    client_class: ClassVar[str]
+
+    def __init__(
+        self,
+        config: LLMRunnerConfig,
+        *,
+        model: str,
+        reference: bool,
+        prices: Mapping[str, Price],
+        clients: Clients | None = None,
+    ) -> None:
+        try:
+            self.sdk: Any = importlib.import_module(self.provider)
+        except ImportError:
+            raise UnknownPluginError(
+                f"the {self.provider} runner needs its SDK: pip install 'phalanx[{self.provider}]'"
+            ) from None
+        self.model = model
+        self.reference = reference
+        self.prices = prices
+        key = api_key(config.api_key_env, base_url=config.base_url, runner=self.provider)
+
+        def make() -> Any:
+            client_class = getattr(self.sdk, self.client_class)
+            return client_class(api_key=key, base_url=config.base_url, max_retries=0)
+
+        self.owned = clients is None
+        self.client: Any = (
+            make() if clients is None else clients.get(self.provider, config.base_url, key, make)
+        )
+
+    async def aclose(self) -> None:
+        if self.owned:
+            await self.client.close()
 
 
 class Clients:

@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._config import OpenAIRunnerConfig
-from .._errors import RunnerError, UnknownPluginError
+from .._errors import RunnerError
 from .._prices import Price, add_cost
-from ._base import InstanceContext, Runner, Usage
+from ._base import InstanceContext, Usage
 from ._llm import (
+    APIRunner,
     Clients,
     Transcript,
-    api_key,
     classify_status,
     opening,
     provider_message,
@@ -26,25 +26,21 @@ from ._llm import (
 )
 
 if TYPE_CHECKING:
+    pass
+
+if TYPE_CHECKING:
     import openai
 
 __all__ = ["OpenAIRunner"]
 
 
-def _sdk() -> Any:
-    try:
-        import openai  # noqa: PLC0415 - an optional extra, imported when the runner is used
-    except ImportError:
-        raise UnknownPluginError(
-            "the openai runner needs the OpenAI SDK: pip install 'phalanx[openai]'"
-        ) from None
-    return openai
-
-
-class OpenAIRunner(Runner):
+class OpenAIRunner(APIRunner):
     """Runs an instance as a Chat Completions conversation; see the module docstring."""
 
     type = "openai"
+    provider = "openai"
+    client_class = "AsyncOpenAI"
+    client: openai.AsyncOpenAI
 
     def __init__(
         self,
@@ -55,24 +51,8 @@ class OpenAIRunner(Runner):
         prices: Mapping[str, Price],
         clients: Clients | None = None,
     ) -> None:
-        self.sdk = _sdk()
+        super().__init__(config, model=model, reference=reference, prices=prices, clients=clients)
         self.config = config
-        self.model = model
-        self.reference = reference
-        self.prices = prices
-        key = api_key(config.api_key_env, base_url=config.base_url, runner="openai")
-
-        def make() -> Any:
-            return self.sdk.AsyncOpenAI(api_key=key, base_url=config.base_url, max_retries=0)
-
-        self.owned = clients is None
-        self.client: openai.AsyncOpenAI = (
-            make() if clients is None else clients.get("openai", config.base_url, key, make)
-        )
-
-    async def aclose(self) -> None:
-        if self.owned:
-            await self.client.close()
 
     async def run(self, ctx: InstanceContext) -> None:
         tools, system, user = opening(ctx, reference=self.reference)
