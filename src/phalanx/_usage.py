@@ -36,3 +36,12 @@ class Usage:
 
     def __bool__(self) -> bool:
         return any(getattr(self, item.name) for item in fields(self))
+
+    def describe(self) -> str:
+        """One line for people: requests, tokens, cost, and what is not priced."""
+        unpriced = f" (+{self.unpriced} requests without a price)" if self.unpriced else ""
+        return (
+            f"{self.requests} model requests, {self.input_tokens} input / "
+            f"{self.output_tokens} output / {self.cache_read_tokens} cache-read tokens, "
+            f"${self.cost_usd:.4f}{unpriced}"
+        )

@@ -184,15 +184,8 @@ def _print_summary(result: RunResult) -> None:
         )
     if len(failures) > 10:
         console.print(f"  ... and {len(failures) - 10} more failures")
-    usage = result.usage
-    if usage:
-        unpriced = f" (+{usage.unpriced} requests without a price)" if usage.unpriced else ""
-        console.print(
-            f"model usage: {usage.requests} requests, {usage.input_tokens} input / "
-            f"{usage.output_tokens} output / {usage.cache_read_tokens} cache-read tokens, "
-            f"${usage.cost_usd:.4f}{unpriced}",
-            markup=False,
-        )
+    if result.usage:
+        console.print(f"model usage: {result.usage.describe()}", markup=False)
     if result.notes:
         console.print(f"notes: {result.notes}", markup=False)
 

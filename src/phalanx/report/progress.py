@@ -163,7 +163,7 @@ class Progress:
             if not self.live_mode or result.skipped_reason:
                 why = f" ({result.skipped_reason})" if result.skipped_reason else ""
                 if result.usage and not self.live_mode:
-                    why += f"; so far {self._spent()}"
+                    why += f"; so far {self.usage.describe()}"
                 self._print(
                     f"stage {result.name}: {result.committed} committed, {result.failed} "
                     f"failed, {result.skipped} skipped of {result.total} in "
@@ -192,15 +192,8 @@ class Progress:
                 f"{row.failed} failed, {row.running} running, ETA {row.eta()}"
             )
 
-    def _spent(self) -> str:
-        usage = self.usage
-        return (
-            f"{usage.requests} model requests, {usage.input_tokens + usage.cache_read_tokens} "
-            f"tokens in, {usage.output_tokens} out, ${usage.cost_usd:.4f}"
-        )
-
     def _table(self) -> Table:
-        caption = self._spent() if self.usage else None
+        caption = self.usage.describe() if self.usage else None
         table = Table(
             box=None, pad_edge=False, header_style="bold", caption=caption, caption_justify="left"
         )
