@@ -13,6 +13,7 @@ import ast
 import json
 import os
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ FAIL_VARIABLE = "PHALANX_QUICKSTART_FAIL"
 _FUNCTIONS = ast.FunctionDef | ast.AsyncFunctionDef
 _TOTALS = ("lines", "functions", "classes")
 
+# phalanx runs each call of a plain (sync) function in a thread of its own. CPython 3.11's AST
+# constructor keeps its recursion counter per interpreter, not per thread, so two threads parsing
+# at once can fail with "SystemError: AST constructor recursion depth mismatch"
+# (python/cpython#106905); parsing under one lock sidesteps it. Agents that call code which is
+# not thread-safe need the same care, or an ``async def`` entry point.
+_PARSE_LOCK = threading.Lock()
+
 
 def describe_module(ctx: InstanceContext) -> None:
     """Blueprint ``describe_module``: parse one module and write facts.json and summary.md."""
@@ -31,7 +39,8 @@ def describe_module(ctx: InstanceContext) -> None:
     if mode == "error" or (mode == "flaky" and ctx.attempt == 1):
         raise RuntimeError(f"{module}: failing on purpose ({FAIL_VARIABLE}={mode})")
     source = Path(str(ctx.params["MODULE_FILE"])).read_bytes()
-    tree = ast.parse(source, filename=str(ctx.params["MODULE_PATH"]))
+    with _PARSE_LOCK:
+        tree = ast.parse(source, filename=str(ctx.params["MODULE_PATH"]))
     facts: dict[str, Any] = {
         "module": module,
         "package": str(ctx.params["PACKAGE"]),
