@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from phalanx import Plan, RunResult, load_blueprint, load_pipeline, plan_pipeline, run_pipeline
+from phalanx._databus import MANIFEST
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FAIL = "PHALANX_QUICKSTART_FAIL"
@@ -40,8 +41,12 @@ def read_json(path: Path) -> Any:
 
 
 def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes, except phalanx's manifests (they name the
+    run that committed them)."""
     return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST
     }
 
 
@@ -267,7 +272,7 @@ def test_pomasa_tracker_runs_one_command_per_organisation(tmp_path: Path) -> Non
     assert sorted(p.name for p in raw.iterdir()) == sorted(org["id"] for org in organizations)
     total = 0
     for org in organizations:
-        assert sorted(p.name for p in (raw / org["id"]).iterdir()) == [
+        assert sorted(p.name for p in (raw / org["id"]).iterdir() if p.name != MANIFEST) == [
             "activities.json",
             "sources.md",
         ]

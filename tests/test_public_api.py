@@ -15,10 +15,12 @@ EXPECTED = {
     "InstanceContext", "InstanceEnded", "InstanceError", "InstancePlan", "InstanceResult",
     "OutputConflictError", "OutputInvalidError", "Partition", "PartitionError",
     "PartitionKeyError", "PartitionSource", "PermanentError", "PhalanxError", "Pipeline",
-    "PipelineError", "Plan", "RateLimited", "RunEnded", "RunHandle", "RunResult", "RunStarted",
+    "PipelineError", "Plan", "ProjectBusyError", "RateLimited", "RunEnded", "RunHandle",
+    "RunResult", "RunStarted",
     "Runner", "RunnerError", "RunnerTimeout", "StageEnded", "StagePlan", "StageResult",
     "StageStarted", "UnknownPluginError", "Usage", "UsageError", "fan_out", "load_blueprint",
-    "load_partitions", "load_pipeline", "plan_pipeline", "run_pipeline", "run_plan",
+    "load_partitions", "load_pipeline", "plan_pipeline", "resume_run", "run_pipeline",
+    "run_plan",
 }  # fmt: skip
 
 

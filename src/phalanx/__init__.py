@@ -4,7 +4,7 @@ wait at a barrier, verify what each wrote, commit it atomically, and record ever
 The public API is what this module exports; everything in underscore modules is internal.
 """
 
-from ._api import fan_out, run_pipeline
+from ._api import fan_out, resume_run, run_pipeline
 from ._blueprint import Blueprint, load_blueprint
 from ._config import Backoff, ExpectSpec
 from ._errors import (
@@ -20,6 +20,7 @@ from ._errors import (
     PermanentError,
     PhalanxError,
     PipelineError,
+    ProjectBusyError,
     RateLimited,
     RunnerError,
     RunnerTimeout,
@@ -74,6 +75,7 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "Plan",
+    "ProjectBusyError",
     "RateLimited",
     "RunEnded",
     "RunHandle",
@@ -94,6 +96,7 @@ __all__ = [
     "load_partitions",
     "load_pipeline",
     "plan_pipeline",
+    "resume_run",
     "run_pipeline",
     "run_plan",
 ]

@@ -1,21 +1,25 @@
-"""The Python API: :func:`run_pipeline` for a pipeline file, :func:`fan_out` for one stage."""
+"""The Python API: :func:`run_pipeline` for a pipeline file, :func:`resume_run` to continue an
+interrupted one, :func:`fan_out` for one stage."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from ._config import Backoff, Defaults, ExpectSpec, PipelineConfig, StageConfig
+from ._errors import UsageError
 from ._events import EventHandler
+from ._ledger import RunRow, find_ledger, open_ledger
 from ._partitions import PartitionSource
-from ._pipeline import Pipeline, Plan, load_pipeline, plan_pipeline
+from ._pipeline import STATE_DIR, Pipeline, Plan, load_pipeline, plan_pipeline
 from ._results import RunResult, StageResult
 from ._scheduler import RunHandle, run_plan
 from .runners import InstanceContext, Runner
 from .runners.python import PythonRunner
 
-__all__ = ["fan_out", "run_pipeline"]
+__all__ = ["fan_out", "resume_plan", "resume_run", "run_options", "run_pipeline"]
 
 Agent = Callable[[InstanceContext], Awaitable[object]] | Callable[[InstanceContext], object]
 
@@ -28,17 +32,120 @@ async def run_pipeline(
     concurrency: int | None = None,
     on_event: EventHandler | None = None,
     handle: RunHandle | None = None,
+    force: bool = False,
+    force_stages: Iterable[str] = (),
+    rerun_failed: bool = False,
 ) -> RunResult:
     """Load, plan and run a pipeline file.
 
     ``stages`` runs only those stages (the outputs of the others are read from disk);
     ``only`` runs only the instances with those keys; ``concurrency`` overrides every stage's
-    limit. Raises :class:`~phalanx.UsageError` (before anything runs) for bad input; failures
-    of instances are not raised but reported in the :class:`~phalanx.RunResult`.
+    limit. An instance whose committed output is up to date is not run again (``cached``)
+    unless ``force`` (or its stage is in ``force_stages``); one that failed before with the
+    same inputs is retried only with ``rerun_failed``. Raises :class:`~phalanx.UsageError`
+    (before anything runs) for bad input, :class:`~phalanx.ProjectBusyError` when another run
+    holds the project; failures of instances are not raised but reported in the
+    :class:`~phalanx.RunResult`.
     """
     loaded = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
     plan = plan_pipeline(loaded, stages=stages, only=only)
-    return await run_plan(plan, concurrency=concurrency, on_event=on_event, handle=handle)
+    return await run_plan(
+        plan,
+        concurrency=concurrency,
+        on_event=on_event,
+        handle=handle,
+        force=force,
+        force_stages=force_stages,
+        rerun_failed=rerun_failed,
+        options=run_options(loaded, stages=stages, only=only, concurrency=concurrency),
+    )
+
+
+# Runner settings that may carry a credential are not written to the ledger; a resume asks for
+# them again.
+_SECRET = re.compile(r"key|token|secret|password|env", re.IGNORECASE)
+
+
+def run_options(
+    pipeline: Pipeline,
+    *,
+    stages: Iterable[str] | None = None,
+    only: Iterable[str] | None = None,
+    concurrency: int | None = None,
+    settings: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """How a run was started, as the ledger keeps it for ``phalanx resume``."""
+    kept = {name: value for name, value in (settings or {}).items() if not _SECRET.search(name)}
+    return {
+        "pipeline": str(pipeline.path),
+        "stages": sorted(stages) if stages is not None else None,
+        "only": sorted(only) if only is not None else None,
+        "concurrency": concurrency,
+        "settings": kept,
+        "withheld": sorted(set(settings or {}) - set(kept)),
+    }
+
+
+def resume_plan(
+    project_dir: str | Path = ".",
+    run_id: str | None = None,
+    *,
+    settings: Mapping[str, object] | None = None,
+) -> tuple[RunRow, Plan]:
+    """The ledger's record of a run (the newest when ``run_id`` is ``None``; a unique prefix
+    works) and its plan made again from the pipeline file and the options it was started
+    with. ``settings`` are runner settings to apply on top of the recorded ones."""
+    ledger = open_ledger(find_ledger(Path(project_dir)).parent)
+    try:
+        row = ledger.get_run(run_id)
+    finally:
+        ledger.close()
+    if row is None:
+        raise UsageError(f"{Path(project_dir) / STATE_DIR}: no run recorded yet; nothing to resume")
+    options = row.options
+    recorded = options.get("settings")
+    merged = {**(recorded if isinstance(recorded, dict) else {}), **(settings or {})}
+    path = str(options.get("pipeline") or row.pipeline_file)
+    if path.endswith("fan_out()"):
+        raise UsageError(f"run {row.id} was started by fan_out(); call fan_out() again instead")
+    loaded = load_pipeline(path, runner_settings=merged or None)
+    stages = options.get("stages")
+    only = options.get("only")
+    plan = plan_pipeline(
+        loaded,
+        stages=[str(s) for s in stages] if isinstance(stages, list) else None,
+        only=[str(k) for k in only] if isinstance(only, list) else None,
+    )
+    return row, plan
+
+
+async def resume_run(
+    project_dir: str | Path = ".",
+    run_id: str | None = None,
+    *,
+    rerun_failed: bool = False,
+    settings: Mapping[str, object] | None = None,
+    on_event: EventHandler | None = None,
+    handle: RunHandle | None = None,
+) -> RunResult:
+    """Continue an interrupted run (the newest when ``run_id`` is ``None``) under its own id.
+
+    Its committed instances are kept (found from their manifests on disk, so an instance whose
+    commit the ledger never heard of is not run again); its in-flight attempts are discarded
+    and run again; its failed instances are retried only with ``rerun_failed``.
+    """
+    row, plan = resume_plan(project_dir, run_id, settings=settings)
+    concurrency = row.options.get("concurrency")
+    return await run_plan(
+        plan,
+        run_id=row.id,
+        resume=True,
+        rerun_failed=rerun_failed,
+        concurrency=concurrency if isinstance(concurrency, int) else None,
+        on_event=on_event,
+        handle=handle,
+        options=row.options,
+    )
 
 
 async def fan_out(
@@ -62,6 +169,7 @@ async def fan_out(
     notes: str = "wip/notes.md",
     on_event: EventHandler | None = None,
     handle: RunHandle | None = None,
+    force: bool = False,
 ) -> StageResult:
     """Run one stage without a pipeline file: ``agent`` once per partition, in parallel.
 
@@ -71,6 +179,11 @@ async def fan_out(
     ``"out/{PARTITION_KEY}/"``. Everything else means what the same stage field means in a
     pipeline file. Returns the stage's result after its barrier; instance failures are in it,
     not raised.
+
+    As in a pipeline, a partition whose output is up to date is not run again (``cached``).
+    The fingerprint sees the partitions, ``params``, the prompt and the source file of
+    ``agent``, not the values a closure or a bound object holds: pass ``force=True`` to run
+    every partition regardless.
     """
     plan = _one_stage_plan(
         partitions,
@@ -91,7 +204,9 @@ async def fan_out(
         notes=notes,
     )
     runner = agent if isinstance(agent, Runner) else PythonRunner(agent)
-    result = await run_plan(plan, on_event=on_event, handle=handle, runners={name: runner})
+    result = await run_plan(
+        plan, on_event=on_event, handle=handle, runners={name: runner}, force=force
+    )
     return result.stages[0]
 
 

@@ -30,6 +30,7 @@ from ._errors import ConfinementError, OutputInvalidError, PipelineError
 from ._templates import TemplateKeyError, render_config
 
 __all__ = [
+    "MANIFEST",
     "DataBus",
     "OutputRules",
     "changed_inputs",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 _MAX_PROBLEMS = 8
+MANIFEST = ".phalanx-manifest.json"  # written by phalanx._manifest at commit time
 _INLINE_JSON_BYTES = 256 * 1024
 
 
@@ -94,6 +96,8 @@ class OutputRules:
         if files is None:
             files = scan(staging)
         problems: list[str] = []
+        if MANIFEST in files:
+            problems.append(f"{MANIFEST}: the name is reserved for phalanx's own manifest")
         if not self.expect and not files:
             problems.append("the agent wrote no file (the stage expects at least one)")
         checked: set[str] = set()
@@ -313,11 +317,16 @@ class DataBus:
     def open(self) -> None:
         """Claim this run's staging folder, and sweep the ones runs that died left behind.
 
+        A folder left by an earlier process of this same run (a resume) is emptied first.
         Each run writes its process id into ``.owner`` in its staging folder; a folder whose
         owner is gone (a ``kill -9``, a power cut) holds only half-written attempts that never
         became visible, and is removed, together with its trash. A folder without an owner file
         is left alone unless it is an hour old: it may belong to a run that is just starting.
         """
+        if self.staging_root.exists():
+            # A resumed run: what its earlier process staged was never committed. The caller
+            # holds the project's lock, so no other process can be using the folder.
+            shutil.rmtree(self.staging_root)
         self.staging_root.mkdir(parents=True, exist_ok=True)
         (self.staging_root / _OWNER).write_text(str(os.getpid()), encoding="utf-8")
         for folder in self.staging_root.parent.iterdir():

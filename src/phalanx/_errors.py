@@ -24,6 +24,7 @@ __all__ = [
     "PermanentError",
     "PhalanxError",
     "PipelineError",
+    "ProjectBusyError",
     "RateLimited",
     "RunnerError",
     "RunnerTimeout",
@@ -68,6 +69,10 @@ class PartitionError(UsageError):
 
 class PartitionKeyError(PartitionError):
     """A partition key is not a safe path segment, or is not unique within its stage."""
+
+
+class ProjectBusyError(UsageError):
+    """Another phalanx run holds the project's lock; the message names it (run id, pid)."""
 
 
 class UnknownPluginError(UsageError):

@@ -67,6 +67,19 @@ class Notes:
             entry += f"- logs: `{logs}`\n"
         if detail.strip():
             entry += "\n" + _fence(detail)
+        self._append(entry)
+
+    def stale(self, *, stage: str, key: str, problem: str) -> None:
+        """Record that a committed output no longer matched its manifest and runs again."""
+        self._append(
+            f"\n## {_now()} · {stage} · {key} · committed output changed\n\n"
+            f"- run: `{self.run_id}`\n"
+            f"- found: {problem}\n"
+            "- action: running the instance again (its output no longer matches the manifest "
+            "written when it was committed)\n"
+        )
+
+    def _append(self, entry: str) -> None:
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.journal.exists()
         with self.journal.open("a", encoding="utf-8") as handle:
@@ -117,15 +130,15 @@ def render_summary(result: StageResult, *, run_id: str) -> str:
         "",
         f"Run `{run_id}`, finished {_now()}.",
         "",
-        "| total | committed | failed | skipped | required | threshold |",
-        "| ---: | ---: | ---: | ---: | ---: | --- |",
-        f"| {result.total} | {result.committed} | {result.failed} | {result.skipped} "
-        f"| {result.required} | {verdict} |",
+        "| total | committed | cached | failed | skipped | required | threshold |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| {result.total} | {result.committed} | {result.cached} | {result.failed} "
+        f"| {result.skipped} | {result.required} | {verdict} |",
         "",
     ]
     if result.skipped_reason:
         lines += [f"The stage did not run: {result.skipped_reason}.", ""]
-    trouble = [inst for inst in result.instances if inst.status != "committed"]
+    trouble = [inst for inst in result.instances if inst.status in ("failed", "skipped")]
     if trouble:
         lines += [
             "## Failed and skipped partitions",

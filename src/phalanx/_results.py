@@ -11,7 +11,7 @@ from ._usage import Usage
 
 __all__ = ["AttemptRecord", "InstanceResult", "RunResult", "StageResult", "Status"]
 
-Status = Literal["committed", "failed", "skipped"]
+Status = Literal["committed", "cached", "failed", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class AttemptRecord:
 
 @dataclass(frozen=True)
 class InstanceResult:
-    """How one instance ended: ``committed``, ``failed`` (with ``cause``) or ``skipped`` (with
-    ``reason``: ``budget``, ``cancelled``, ``aborted``, ``upstream failed``...)."""
+    """How one instance ended: ``committed`` (by this run), ``cached`` (an earlier run's output
+    was up to date and intact, so it did not run), ``failed`` (with ``cause``) or ``skipped``
+    (with ``reason``: ``cancelled``, ``aborted``, ``upstream failed``...). ``fingerprint``
+    identifies what it was run with (see :mod:`phalanx._manifest`)."""
 
     stage: str
     key: str
@@ -39,6 +41,7 @@ class InstanceResult:
     cause: str | None = None
     message: str = ""
     reason: str | None = None
+    fingerprint: str | None = None
 
     @property
     def duration_s(self) -> float:
@@ -65,7 +68,7 @@ class InstanceResult:
 
 @dataclass(frozen=True)
 class StageResult:
-    """A stage after its barrier. ``committed + failed + skipped == total`` always."""
+    """A stage after its barrier. ``committed + cached + failed + skipped == total`` always."""
 
     name: str
     instances: tuple[InstanceResult, ...]
@@ -85,6 +88,15 @@ class StageResult:
         return self.count("committed")
 
     @property
+    def cached(self) -> int:
+        return self.count("cached")
+
+    @property
+    def done(self) -> int:
+        """Instances whose output is committed and current: this run's and cached ones."""
+        return self.committed + self.cached
+
+    @property
     def failed(self) -> int:
         return self.count("failed")
 
@@ -95,7 +107,7 @@ class StageResult:
     @property
     def met_threshold(self) -> bool:
         """Whether enough instances committed (``min_success``) for dependants to run."""
-        return self.skipped_reason is None and self.committed >= self.required
+        return self.skipped_reason is None and self.done >= self.required
 
     @property
     def sum_instance_s(self) -> float:
@@ -120,6 +132,7 @@ class StageResult:
             "name": self.name,
             "total": self.total,
             "committed": self.committed,
+            "cached": self.cached,
             "failed": self.failed,
             "skipped": self.skipped,
             "required": self.required,

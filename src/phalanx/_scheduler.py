@@ -11,20 +11,28 @@ Only a bug in phalanx itself cancels siblings.
 Stopping (Ctrl-C, SIGTERM, :meth:`RunHandle.stop`) cancels in-flight attempts — their staging
 folders are removed, a ``command`` agent's process group is killed — and marks everything not
 committed as skipped (cancelled). Committed outputs stay.
+
+Before a stage starts, each instance's fingerprint is computed (:mod:`phalanx._manifest`). An
+instance whose committed output carries that fingerprint and is intact is not run again
+(``cached``; ``committed`` when an earlier process of this same run committed it, i.e. on a
+resume); one that failed before with the same fingerprint is not retried unless asked. The run
+holds the project's lock throughout and records everything in the ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
+import os
 import random
 import secrets
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,9 +50,12 @@ from ._events import (
     StageEnded,
     StageStarted,
 )
+from ._ledger import AttemptOutcome, Ledger, OutcomeRow, RunStatus, open_ledger
+from ._lock import ProjectLock
+from ._manifest import fingerprint, read_manifest, stage_digest, verify_output, write_manifest
 from ._notes import Notes
 from ._pipeline import STATE_DIR, InstancePlan, Plan, StagePlan
-from ._results import AttemptRecord, InstanceResult, RunResult, StageResult
+from ._results import AttemptRecord, InstanceResult, RunResult, StageResult, Status
 from .runners import InputRef, InstanceContext, Runner, create_runner
 from .runners._llm import Clients
 
@@ -121,6 +132,20 @@ class _StageState:
     outcomes: dict[str, InstanceResult] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     abort_reason: str | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """What to do with one instance, decided before its stage starts. ``outcome`` is set when
+    it need not run (cached, committed earlier in this run, failed before); ``first`` is the
+    number its first attempt takes (attempts continue their numbering on a resume)."""
+
+    fingerprint: str
+    outcome: InstanceResult | None = None
+    digest: str | None = None
+    first: int = 1
+    stale: str | None = None
 
 
 async def run_plan(
@@ -132,13 +157,25 @@ async def run_plan(
     handle: RunHandle | None = None,
     rng: random.Random | None = None,
     runners: Mapping[str, Runner] | None = None,
+    force: bool = False,
+    force_stages: Iterable[str] = (),
+    rerun_failed: bool = False,
+    resume: bool = False,
+    ledger: bool = True,
+    options: Mapping[str, object] | None = None,
 ) -> RunResult:
     """Run the selected stages of ``plan``; see the module docstring.
 
     ``concurrency`` overrides every stage's own limit (and lifts the global cap to at least
     it). ``runners`` supplies ready runner objects by stage name instead of building them from
-    the stage's settings. Returns when every selected stage has passed its barrier or been
-    skipped.
+    the stage's settings. ``force`` runs every instance (``force_stages``: those of the named
+    stages) even when its output is up to date; ``rerun_failed`` retries instances that failed
+    before with the same fingerprint. ``resume`` continues the run ``run_id`` (its in-flight
+    attempts are discarded, its committed instances kept). ``ledger`` false keeps no ledger
+    (benchmarks compare the two); ``options`` is recorded with the run so that ``phalanx
+    resume`` can plan it again. Returns when every selected stage has passed its barrier or
+    been skipped. Raises :class:`~phalanx.ProjectBusyError` when another run holds the
+    project.
     """
     run = _Run(
         plan,
@@ -147,6 +184,12 @@ async def run_plan(
         on_event=on_event,
         rng=rng or random.Random(),  # noqa: S311 - jitter, not secrets
         runners=runners or {},
+        force=force,
+        force_stages=frozenset(force_stages),
+        rerun_failed=rerun_failed,
+        resume=resume,
+        record=ledger,
+        options=options or {},
     )
     if handle is not None:
         handle._run = run
@@ -169,8 +212,25 @@ class _Run:
         on_event: EventHandler | None,
         rng: random.Random,
         runners: Mapping[str, Runner],
+        force: bool = False,
+        force_stages: frozenset[str] = frozenset(),
+        rerun_failed: bool = False,
+        resume: bool = False,
+        record: bool = True,
+        options: Mapping[str, object] | None = None,
     ) -> None:
         self.plan = plan
+        self.force = force
+        self.force_stages = force_stages
+        self.rerun_failed = rerun_failed
+        self.resume = resume
+        self.record = record
+        self.options = dict(options or {})
+        self.ledger: Ledger | None = None
+        self.lock: ProjectLock | None = None
+        # Content digests of the outputs committed (or found cached) in this run, by stage
+        # and key: downstream fingerprints are made of them.
+        self.digests: dict[str, dict[str, str]] = {}
         self.given_runners = runners
         self.run_id = run_id
         self.on_event = on_event
@@ -206,6 +266,17 @@ class _Run:
         return asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
     def emit(self, event: Event) -> None:
+        if self.ledger is not None:
+            kind, stage, key, attempt, data = _event_row(event)
+            self.ledger.event(
+                self.run_id,
+                t=time.time(),
+                kind=kind,
+                stage=stage,
+                key=key,
+                attempt=attempt,
+                data=data,
+            )
         if self.on_event is not None:
             self.on_event(event)
 
@@ -231,14 +302,61 @@ class _Run:
             self.plan, stage, self.given_runners.get(stage.name), self.clients
         )
         limit = self.override or stage.concurrency
-        return _StageState(stage, runner, rules, limit, asyncio.Semaphore(limit))
+        force = self.force or stage.name in self.force_stages
+        return _StageState(stage, runner, rules, limit, asyncio.Semaphore(limit), force=force)
 
     async def execute(self) -> RunResult:
         selected = [s for s in self.plan.stages if s.name in self.plan.selected]
         states = {stage.name: self._prepare(stage) for stage in selected}
         self.finished = {stage.name: asyncio.Event() for stage in selected}
+        self.digests = {stage.name: {} for stage in selected}
         started = time.monotonic()
-        await self._io(self.bus.open)
+        try:
+            await asyncio.to_thread(self._open)
+        except BaseException:
+            self.pool.shutdown(wait=False)
+            for state in states.values():
+                await state.runner.aclose()
+            await self.clients.aclose()
+            raise
+        try:
+            return await self._execute(states, started)
+        finally:
+            await asyncio.to_thread(self._close)
+
+    def _open(self) -> None:
+        """Take the project's lock, open the ledger, claim the staging folder."""
+        self.lock = ProjectLock.acquire(
+            self.state_dir, run_id=self.run_id, pipeline=self.plan.pipeline.config.name
+        )
+        try:
+            if self.record:
+                self.ledger = open_ledger(self.state_dir)
+                if self.resume:
+                    self.ledger.discard_running(self.run_id, ended=time.time())
+                self.ledger.run_started(
+                    self.run_id,
+                    pipeline=self.plan.pipeline.config.name,
+                    pipeline_file=str(self.plan.pipeline.path),
+                    started=time.time(),
+                    pid=os.getpid(),
+                    options=self.options,
+                )
+            self.bus.open()
+        except BaseException:
+            self._close()
+            raise
+
+    def _close(self) -> None:
+        try:
+            if self.ledger is not None:
+                self.ledger.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    async def _execute(self, states: Mapping[str, _StageState], started: float) -> RunResult:
+        selected = [state.plan for state in states.values()]
         self.emit(
             RunStarted(
                 self.run_id,
@@ -275,9 +393,19 @@ class _Run:
     def _record(self, result: RunResult) -> None:
         folder = self.state_dir / "runs" / self.run_id
         folder.mkdir(parents=True, exist_ok=True)
+        summary = result.to_json()
         (folder / "summary.json").write_text(
-            json.dumps(result.to_json(), indent=2, ensure_ascii=False), encoding="utf-8"
+            json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8"
         )
+        if self.ledger is not None:
+            status: RunStatus
+            if result.halted is not None:
+                status = "halted"
+            elif result.cancelled:
+                status = "interrupted"
+            else:
+                status = "ok" if result.ok else "failed"
+            self.ledger.run_ended(self.run_id, status=status, ended=time.time(), summary=summary)
 
     async def _stage(self, state: _StageState) -> None:
         stage = state.plan
@@ -288,6 +416,14 @@ class _Run:
             else:
                 result = await self._run_stage(state)
             self.results[stage.name] = result
+            if self.ledger is not None:
+                self.ledger.stage_ended(
+                    self.run_id,
+                    stage.name,
+                    status="skipped" if result.skipped_reason else "done",
+                    ended=time.time(),
+                    skipped_reason=result.skipped_reason,
+                )
             self.summaries.append(await self._io(self.notes.summary, result))
             self.emit(StageEnded(result))
         finally:
@@ -313,7 +449,9 @@ class _Run:
     def _skipped_stage(self, stage: StagePlan, reason: str) -> StageResult:
         short = "cancelled" if reason == "cancelled" else "upstream failed"
         instances = tuple(
-            InstanceResult(stage.name, inst.key, "skipped", inst.output, reason=short)
+            self._recorded(
+                InstanceResult(stage.name, inst.key, "skipped", inst.output, reason=short)
+            )
             for inst in stage.instances
         )
         return StageResult(stage.name, instances, stage.required, 0.0, skipped_reason=reason)
@@ -321,8 +459,26 @@ class _Run:
     async def _run_stage(self, state: _StageState) -> StageResult:
         stage = state.plan
         self.emit(StageStarted(stage.name, len(stage.instances), state.limit))
+        if self.ledger is not None:
+            self.ledger.stage_started(
+                self.run_id,
+                stage.name,
+                position=self.plan.index(stage.name),
+                total=len(stage.instances),
+                started=time.time(),
+            )
         started = time.monotonic()
-        order = sorted(stage.instances, key=lambda inst: (-inst.priority, inst.index))
+        available = {inst.key: self._available(inst) for inst in stage.instances}
+        verdicts = await self._io(self._verdicts, state, available)
+        order = []
+        for inst in sorted(stage.instances, key=lambda inst: (-inst.priority, inst.index)):
+            verdict = verdicts[inst.key]
+            if verdict.outcome is None:
+                order.append((inst, verdict))
+            else:
+                if verdict.digest is not None:
+                    self.digests[stage.name][inst.key] = verdict.digest
+                state.outcomes[inst.key] = self._ended(verdict.outcome)
         self.active.add(state)
         try:
             async with asyncio.TaskGroup() as group:
@@ -345,10 +501,108 @@ class _Run:
         return StageResult(stage.name, instances, stage.required, time.monotonic() - started)
 
     def _ended(self, result: InstanceResult) -> InstanceResult:
-        if result.status == "committed":
+        if result.status in ("committed", "cached"):
             self.committed.setdefault(result.stage, set()).add(result.key)
+        self._recorded(result)
         self.emit(InstanceEnded(result))
         return result
+
+    def _recorded(self, result: InstanceResult) -> InstanceResult:
+        if self.ledger is not None:
+            self.ledger.instance_ended(
+                self.run_id,
+                result.stage,
+                result.key,
+                pipeline=self.plan.pipeline.config.name,
+                status=result.status,
+                fingerprint=result.fingerprint,
+                cause=result.cause,
+                message=result.message,
+                reason=result.reason,
+                attempts=len(result.attempts),
+                duration_s=result.duration_s,
+                ended=time.time(),
+            )
+        return result
+
+    # -- what needs to run ----------------------------------------------------------------------
+
+    def _verdicts(
+        self,
+        state: _StageState,
+        available: Mapping[str, tuple[tuple[InputRef, ...], tuple[str, ...]]],
+    ) -> dict[str, _Verdict]:
+        """Fingerprint every instance of a stage and decide which need to run (in a thread:
+        it reads manifests and hashes files)."""
+        stage = state.plan
+        shared = stage_digest(stage, state.runner, self.plan.project_dir)
+        failed_before = {}
+        first: Mapping[str, int] = {}
+        if self.ledger is not None:
+            if not self.rerun_failed and not state.force:
+                failed_before = self.ledger.outcomes(
+                    self.plan.pipeline.config.name, stage.name, status="failed"
+                )
+            if self.resume:
+                first = self.ledger.last_attempts(self.run_id, stage.name)
+        verdicts = {}
+        for inst in stage.instances:
+            inputs, missing = available[inst.key]
+            print_ = fingerprint(
+                shared,
+                inst.key,
+                inst.prompt,
+                inst.values,
+                [(ref.stage, ref.key, self._digest(ref)) for ref in inputs],
+                missing,
+            )
+            verdicts[inst.key] = self._verdict(state, inst, print_, failed_before.get(inst.key))
+            if inst.key in first:
+                verdicts[inst.key] = replace(verdicts[inst.key], first=first[inst.key] + 1)
+        return verdicts
+
+    def _verdict(
+        self, state: _StageState, inst: InstancePlan, print_: str, failed: OutcomeRow | None
+    ) -> _Verdict:
+        if state.force:
+            return _Verdict(print_)
+        manifest = read_manifest(inst.output)
+        stale = None
+        if manifest is not None and manifest.fingerprint == print_:
+            stale = verify_output(inst.output, manifest)
+            if stale is None:
+                status: Status = "committed" if manifest.run_id == self.run_id else "cached"
+                message = (
+                    f"committed by attempt {manifest.attempt} before the run was resumed"
+                    if status == "committed"
+                    else f"up to date: committed by run {manifest.run_id}"
+                )
+                outcome = InstanceResult(
+                    inst.stage, inst.key, status, inst.output, message=message, fingerprint=print_
+                )
+                return _Verdict(print_, outcome, manifest.digest)
+        if failed is not None and failed.fingerprint == print_ and failed.cause != "fatal":
+            outcome = InstanceResult(
+                inst.stage,
+                inst.key,
+                "failed",
+                inst.output,
+                cause=failed.cause,
+                message=(
+                    f"failed in run {failed.run_id} with the same inputs and was not retried "
+                    f"(--rerun-failed retries it): {failed.message}"
+                ),
+                fingerprint=print_,
+            )
+            return _Verdict(print_, outcome)
+        return _Verdict(print_, stale=stale)
+
+    def _digest(self, ref: InputRef) -> str:
+        """The content digest of an upstream output this run reads."""
+        if ref.stage in self.digests:
+            return self.digests[ref.stage].get(ref.key, "")
+        manifest = read_manifest(ref.path)  # a stage outside this run: as an earlier run left it
+        return manifest.digest if manifest is not None else ""
 
     def _available(self, inst: InstancePlan) -> tuple[tuple[InputRef, ...], tuple[str, ...]]:
         """Split an instance's inputs into committed ones and missing ones. The outputs of a
@@ -388,7 +642,10 @@ class _Run:
         state.slots.release()
 
     async def _feed(
-        self, state: _StageState, order: list[InstancePlan], group: asyncio.TaskGroup
+        self,
+        state: _StageState,
+        order: list[tuple[InstancePlan, _Verdict]],
+        group: asyncio.TaskGroup,
     ) -> None:
         """Start instances in priority order, each the moment a slot is free.
 
@@ -397,17 +654,19 @@ class _Run:
         and are recorded as skipped.
         """
         name = state.plan.name
-        for inst in order:
+        for inst, verdict in order:
             await self._slot(state)
             if self.stopping or state.abort_reason:
                 self._free(state)
                 return
             self._track(
                 state,
-                group.create_task(self._instance(state, inst), name=f"instance:{name}/{inst.key}"),
+                group.create_task(
+                    self._instance(state, inst, verdict), name=f"instance:{name}/{inst.key}"
+                ),
             )
 
-    async def _instance(self, state: _StageState, inst: InstancePlan) -> None:
+    async def _instance(self, state: _StageState, inst: InstancePlan, verdict: _Verdict) -> None:
         """One instance, from its first attempt (started holding its slot, see :meth:`_feed`)
         to its outcome. The slot is given back during a retry's backoff."""
         stage = state.plan
@@ -423,25 +682,31 @@ class _Run:
                         inst.output,
                         reason="upstream failed",
                         message=f"none of its inputs committed: {', '.join(missing[:5])}",
+                        fingerprint=verdict.fingerprint,
                     )
                 )
                 return
+            if verdict.stale is not None:
+                stale = functools.partial(
+                    self.notes.stale, stage=stage.name, key=inst.key, problem=verdict.stale
+                )
+                await self._io(stale)
             attempts: list[AttemptRecord] = []
             total = stage.retries + 1
-            for attempt in range(1, total + 1):
+            for attempt in range(verdict.first, verdict.first + total):
                 if not held:
                     await self._slot(state)
                     held = True
                 if self.stopping or state.abort_reason:
                     return
                 error = await self._attempt(
-                    state, inst, attempt, inputs, missing, attempts, _feedback(attempts)
+                    state, inst, attempt, verdict, inputs, missing, attempts, _feedback(attempts)
                 )
                 self._free(state)
                 held = False
                 if error is None:
                     return
-                delay = self._failed_attempt(state, inst, attempt, total, error, attempts)
+                delay = self._failed_attempt(state, inst, attempt, verdict, error, attempts)
                 if delay is None:
                     return
                 await asyncio.sleep(delay)
@@ -454,13 +719,14 @@ class _Run:
         state: _StageState,
         inst: InstancePlan,
         attempt: int,
-        total: int,
+        verdict: _Verdict,
         error: InstanceError,
         attempts: list[AttemptRecord],
     ) -> float | None:
         """Journal a failed attempt; returns the backoff before the next one, or ``None`` when
         the instance has failed for good (and then records that, aborting if asked)."""
         stage = state.plan
+        total = verdict.first + stage.retries  # the number of its last attempt
         last = (
             attempt == total
             or not error.retryable
@@ -502,6 +768,7 @@ class _Run:
                     tuple(attempts),
                     cause=error.cause,
                     message=str(error),
+                    fingerprint=verdict.fingerprint,
                 )
             )
             if error.stops_run:
@@ -530,6 +797,7 @@ class _Run:
         state: _StageState,
         inst: InstancePlan,
         attempt: int,
+        verdict: _Verdict,
         inputs: tuple[InputRef, ...],
         missing: tuple[str, ...],
         attempts: list[AttemptRecord],
@@ -539,7 +807,88 @@ class _Run:
         records the instance as committed and returns ``None``, else returns the error."""
         stage = state.plan
         staging = self.bus.staging_dir(stage.name, inst.key, attempt)
-        ctx = InstanceContext(
+        ctx = self._context(state, inst, attempt, staging, inputs, missing, feedback)
+        self.emit(AttemptStarted(stage.name, inst.key, attempt))
+        wall = time.time()
+        started = time.monotonic()
+        self._ledger_attempt(ctx, verdict.fingerprint)
+
+        def ended(outcome: AttemptOutcome, error: InstanceError | None) -> None:
+            self._ledger_attempt(ctx, None, outcome, error, time.monotonic() - started)
+
+        def committed() -> None:
+            duration = time.monotonic() - started
+            attempts.append(AttemptRecord(attempt, wall, duration, usage=ctx.usage or None))
+            ended("committed", None)
+            self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
+            state.outcomes[inst.key] = self._ended(
+                InstanceResult(
+                    stage.name,
+                    inst.key,
+                    "committed",
+                    inst.output,
+                    tuple(attempts),
+                    fingerprint=verdict.fingerprint,
+                )
+            )
+
+        error: InstanceError | None = None
+        try:
+            await self._run_agent(state, ctx)
+            files = scan(staging)
+            commit = (state, inst, attempt, verdict.fingerprint, staging, files)
+            if state.rules.cheap(files):
+                self._validate_and_commit(*commit)
+                committed()
+            else:
+                await _to_the_end(self._io(self._validate_and_commit, *commit), committed)
+        except InstanceError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            if inst.key not in state.outcomes:
+                ended("discarded", RunnerError("cancelled while running"))
+            raise
+        except Exception as exc:  # a runner's own bug must not take its siblings down
+            tail = "".join(traceback.format_exception(exc)[-3:])
+            error = RunnerError(f"{type(exc).__name__}: {exc}", detail=tail)
+        finally:
+            if inst.key not in state.outcomes:  # not committed: the staging folder is still there
+                self.bus.discard(staging)
+        if error is not None:
+            duration = time.monotonic() - started
+            attempts.append(
+                AttemptRecord(attempt, wall, duration, error.cause, str(error), ctx.usage or None)
+            )
+            ended("failed", error)
+        return error
+
+    async def _run_agent(self, state: _StageState, ctx: InstanceContext) -> None:
+        """Run the agent under the stage's timeout; fail the attempt if it wrote into the
+        upstream outputs it may only read."""
+        folders = [ref.path for ref in ctx.inputs]
+        before = await self._io(snapshot, folders) if folders else None
+        try:
+            async with asyncio.timeout(state.plan.timeout):
+                await state.runner.run(ctx)
+        except TimeoutError:
+            raise RunnerTimeout(
+                f"ran past the stage's timeout of {state.plan.timeout:g}s and was stopped"
+            ) from None
+        if before is not None:
+            await self._check_inputs_untouched(before, folders)
+
+    def _context(
+        self,
+        state: _StageState,
+        inst: InstancePlan,
+        attempt: int,
+        staging: Path,
+        inputs: tuple[InputRef, ...],
+        missing: tuple[str, ...],
+        feedback: str,
+    ) -> InstanceContext:
+        stage = state.plan
+        return InstanceContext(
             run_id=self.run_id,
             stage=stage.name,
             key=inst.key,
@@ -558,53 +907,44 @@ class _Run:
             reads=tuple(stage.config.reads),
             feedback=feedback,
         )
-        self.emit(AttemptStarted(stage.name, inst.key, attempt))
-        wall = time.time()
-        started = time.monotonic()
 
-        def committed() -> None:
-            duration = time.monotonic() - started
-            attempts.append(AttemptRecord(attempt, wall, duration, usage=ctx.usage or None))
-            self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
-            state.outcomes[inst.key] = self._ended(
-                InstanceResult(stage.name, inst.key, "committed", inst.output, tuple(attempts))
+    def _ledger_attempt(
+        self,
+        ctx: InstanceContext,
+        print_: str | None,
+        outcome: AttemptOutcome | None = None,
+        error: InstanceError | None = None,
+        duration: float = 0.0,
+    ) -> None:
+        """Record an attempt's start (``outcome`` ``None``) or its end in the ledger."""
+        if self.ledger is None:
+            return
+        if outcome is None:
+            self.ledger.attempt_started(
+                self.run_id,
+                ctx.stage,
+                ctx.key,
+                ctx.attempt,
+                started=time.time(),
+                fingerprint=print_,
+                log_dir=str(ctx.log_dir.relative_to(self.plan.project_dir)),
             )
-
-        error: InstanceError | None = None
-        folders = [ref.path for ref in inputs]
-        try:
-            before = await self._io(snapshot, folders) if folders else None
-            try:
-                async with asyncio.timeout(stage.timeout):
-                    await state.runner.run(ctx)
-            except TimeoutError:
-                raise RunnerTimeout(
-                    f"ran past the stage's timeout of {stage.timeout:g}s and was stopped"
-                ) from None
-            if before is not None:
-                await self._check_inputs_untouched(before, folders)
-            files = scan(staging)
-            if state.rules.cheap(files):
-                self._validate_and_commit(state, inst, staging, files)
-                committed()
-            else:
-                await _to_the_end(
-                    self._io(self._validate_and_commit, state, inst, staging, files), committed
-                )
-        except InstanceError as exc:
-            error = exc
-        except Exception as exc:  # a runner's own bug must not take its siblings down
-            tail = "".join(traceback.format_exception(exc)[-3:])
-            error = RunnerError(f"{type(exc).__name__}: {exc}", detail=tail)
-        finally:
-            if inst.key not in state.outcomes:  # not committed: the staging folder is still there
-                self.bus.discard(staging)
-        if error is not None:
-            duration = time.monotonic() - started
-            attempts.append(
-                AttemptRecord(attempt, wall, duration, error.cause, str(error), ctx.usage or None)
-            )
-        return error
+            return
+        usage = ctx.usage or None
+        self.ledger.attempt_ended(
+            self.run_id,
+            ctx.stage,
+            ctx.key,
+            ctx.attempt,
+            ended=time.time(),
+            duration_s=duration,
+            outcome=outcome,
+            cause=error.cause if error is not None else None,
+            message=str(error) if error is not None else "",
+            detail=error.detail if error is not None else "",
+            usage=usage.to_json() if usage is not None else None,
+            cost_usd=usage.cost_usd if usage is not None else None,
+        )
 
     async def _check_inputs_untouched(self, before: Snapshot, folders: list[Path]) -> None:
         changed = await self._io(changed_inputs, before, folders)
@@ -618,10 +958,66 @@ class _Run:
             )
 
     def _validate_and_commit(
-        self, state: _StageState, inst: InstancePlan, staging: Path, files: dict[str, int]
+        self,
+        state: _StageState,
+        inst: InstancePlan,
+        attempt: int,
+        print_: str,
+        staging: Path,
+        files: dict[str, int],
     ) -> None:
+        """Validate, write the manifest into the staging folder, rename it into place."""
         state.rules.validate(staging, inst.values, files)
+        digest = write_manifest(
+            staging,
+            files,
+            stage=inst.stage,
+            key=inst.key,
+            run_id=self.run_id,
+            attempt=attempt,
+            fingerprint=print_,
+        )
         self.bus.commit(staging, inst.output, stage=inst.stage, key=inst.key)
+        self.digests[inst.stage][inst.key] = digest
+
+
+_EventRow = tuple[str, str | None, str | None, int | None, dict[str, object] | None]
+
+
+def _event_row(event: Event) -> _EventRow:
+    """An event as the ledger stores it: its kind, where it happened, and its data."""
+    kind = type(event).__name__
+    if isinstance(event, AttemptStarted):
+        return kind, event.stage, event.key, event.attempt, None
+    if isinstance(event, AttemptEnded):
+        data: dict[str, object] = {
+            "duration_s": event.duration_s,
+            "cause": event.cause,
+            "message": event.message,
+            "retry_in": event.retry_in,
+        }
+        return kind, event.stage, event.key, event.attempt, data
+    if isinstance(event, InstanceEnded):
+        result = event.result
+        data = {"status": result.status, "cause": result.cause, "reason": result.reason}
+        return kind, result.stage, result.key, None, data
+    if isinstance(event, StageStarted):
+        return kind, event.stage, None, None, {"total": event.total, "limit": event.concurrency}
+    if isinstance(event, StageEnded):
+        stage = event.result
+        data = {
+            "total": stage.total,
+            "committed": stage.committed,
+            "cached": stage.cached,
+            "failed": stage.failed,
+            "skipped": stage.skipped,
+        }
+        return kind, stage.name, None, None, data
+    if isinstance(event, RunStarted):
+        return kind, None, None, None, {"pipeline": event.pipeline, "stages": list(event.stages)}
+    if isinstance(event, RunEnded):
+        return kind, None, None, None, {"ok": event.ok, "cancelled": event.cancelled}
+    return kind, None, None, None, None
 
 
 def _feedback(attempts: list[AttemptRecord]) -> str:

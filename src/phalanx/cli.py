@@ -10,14 +10,17 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from . import _inspect
+from ._api import resume_plan, run_options
 from ._errors import UsageError
 from ._pipeline import InstancePlan, Plan, load_pipeline, plan_pipeline
 from ._results import RunResult
@@ -94,6 +97,19 @@ _set_option = click.option(
 @_only_option
 @_set_option
 @click.option("--concurrency", type=click.IntRange(min=1), help="Override every stage's limit.")
+@click.option("--force", is_flag=True, help="Run every instance, even those that are up to date.")
+@click.option(
+    "--force-stage",
+    "force_stages",
+    multiple=True,
+    metavar="NAME",
+    help="Run every instance of this stage, even those that are up to date (repeatable).",
+)
+@click.option(
+    "--rerun-failed",
+    is_flag=True,
+    help="Retry instances that failed before with the same inputs (skipped by default).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
 def run(
@@ -102,18 +118,122 @@ def run(
     only: tuple[str, ...],
     settings: tuple[str, ...],
     concurrency: int | None,
+    force: bool,
+    force_stages: tuple[str, ...],
+    rerun_failed: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Run PIPELINE (a pipeline.yaml)."""
+    """Run PIPELINE (a pipeline.yaml).
+
+    Instances whose committed output is up to date (same inputs, intact files) are not run
+    again: they count as cached. Instances that failed before with the same inputs are not
+    retried unless --rerun-failed.
+    """
     plan = _plan(pipeline, stages, only, settings)
+    unknown = sorted(set(force_stages) - {stage.name for stage in plan.stages})
+    if unknown:
+        _fail(
+            UsageError(
+                f"--force-stage {', '.join(map(repr, unknown))}: no such stage; stages: "
+                f"{', '.join(stage.name for stage in plan.stages)}"
+            )
+        )
+    options = run_options(
+        plan.pipeline,
+        stages=stages or None,
+        only=only or None,
+        concurrency=concurrency,
+        settings=_settings(settings),
+    )
+
+    def start(handle: RunHandle, progress: Progress) -> Coroutine[Any, Any, RunResult]:
+        return run_plan(
+            plan,
+            concurrency=concurrency,
+            on_event=progress,
+            handle=handle,
+            force=force,
+            force_stages=force_stages,
+            rerun_failed=rerun_failed,
+            options=options,
+        )
+
+    _finish(_execute(start, quiet), as_json)
+
+
+@cli.command()
+@click.argument("run_id", metavar="[RUN]", required=False)
+@click.option(
+    "--project",
+    type=click.Path(file_okay=False, exists=True),
+    help="The project folder (default: found from the current folder upward).",
+)
+@click.option(
+    "--rerun-failed", is_flag=True, help="Also retry the instances that failed in that run."
+)
+@_set_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
+def resume(
+    run_id: str | None,
+    project: str | None,
+    rerun_failed: bool,
+    settings: tuple[str, ...],
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Continue an interrupted run (the newest by default; a prefix of its id works).
+
+    Committed instances are kept, in-flight attempts are discarded and run again, failed
+    instances are retried only with --rerun-failed.
+    """
+    try:
+        row, plan = resume_plan(project or ".", run_id, settings=_settings(settings))
+    except UsageError as exc:
+        _fail(exc)
+    if row.state == "ok" and not rerun_failed:
+        click.echo(f"run {row.id} finished with every stage met; nothing to resume")
+        return
+    given = _settings(settings)
+    recorded = row.options.get("withheld")
+    withheld = [str(n) for n in recorded if n not in given] if isinstance(recorded, list) else []
+    if withheld:
+        click.echo(
+            f"note: the settings {', '.join(withheld)} were not recorded (they may hold "
+            "secrets); pass them again with --set if the run needs them",
+            err=True,
+        )
+    concurrency = row.options.get("concurrency")
+
+    def start(handle: RunHandle, progress: Progress) -> Coroutine[Any, Any, RunResult]:
+        return run_plan(
+            plan,
+            run_id=row.id,
+            resume=True,
+            rerun_failed=rerun_failed,
+            concurrency=concurrency if isinstance(concurrency, int) else None,
+            on_event=progress,
+            handle=handle,
+            options=row.options,
+        )
+
+    _finish(_execute(start, quiet), as_json)
+
+
+def _execute(
+    start: Callable[[RunHandle, Progress], Coroutine[Any, Any, RunResult]], quiet: bool
+) -> RunResult:
     live = sys.stderr.isatty() and not quiet
     progress = Progress(sys.stderr, live=live)
     try:
         with progress:
-            result = asyncio.run(_run(plan, concurrency, progress))
+            return asyncio.run(_run(start, progress))
     except UsageError as exc:
         _fail(exc)
+
+
+def _finish(result: RunResult, as_json: bool) -> NoReturn:
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -135,14 +255,16 @@ def run(
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
 
 
-async def _run(plan: Plan, concurrency: int | None, progress: Progress) -> RunResult:
+async def _run(
+    start: Callable[[RunHandle, Progress], Coroutine[Any, Any, RunResult]], progress: Progress
+) -> RunResult:
     handle = RunHandle()
     loop = asyncio.get_running_loop()
     names = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "terminated (SIGTERM)"}
     for sig, reason in names.items():
         loop.add_signal_handler(sig, handle.stop, reason)
     try:
-        return await run_plan(plan, concurrency=concurrency, on_event=progress, handle=handle)
+        return await start(handle, progress)
     finally:
         for sig in names:
             loop.remove_signal_handler(sig)
@@ -153,7 +275,8 @@ def _print_summary(result: RunResult) -> None:
     if not console.is_terminal:
         console.width = 120  # logs and pipes: do not squeeze the table into 80 columns
     table = Table(title=f"run {result.run_id}", title_justify="left", box=None)
-    for column in ("stage", "total", "committed", "failed", "skipped", "wall", "speedup", ""):
+    columns = ("stage", "total", "committed", "cached", "failed", "skipped", "wall", "speedup", "")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("stage", "") else "right")
     for stage in result.stages:
         if stage.met_threshold:
@@ -168,6 +291,7 @@ def _print_summary(result: RunResult) -> None:
             stage.name,
             str(stage.total),
             str(stage.committed),
+            str(stage.cached),
             str(stage.failed),
             str(stage.skipped),
             f"{stage.wall_s:.2f}s",
@@ -344,6 +468,9 @@ def loopback(
         asyncio.run(serve())
     except OSError as exc:
         _fail(UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}"))
+
+
+_inspect.register(cli)
 
 
 def main() -> None:

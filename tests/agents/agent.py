@@ -26,6 +26,8 @@ Modes:
 ``symlink``      out.json, notes.md and ``link`` -> ``/etc/hostname``
 ``fifo``         out.json, notes.md and a named pipe ``pipe``
 ``failafter``    wait until ``--wait-for`` pid files exist in ``--pids``, then exit code 3
+``waitonce``     on attempt 1, record the pid and sleep for ever (a test kills it); later
+                 attempts ``write``
 
 ``argv`` writes argv.json (the remaining arguments as a JSON list) and stdin.bin (stdin, byte for
 byte).
@@ -179,6 +181,11 @@ def main(args: list[str]) -> int:
             _outputs(key)
             return 0
         _sleep_for_ever()
+    if mode == "waitonce":
+        if os.environ.get("PHALANX_ATTEMPT") == "1":
+            _record(pids, key, os.getpid())
+            _sleep_for_ever()
+        mode = "write"
     _record(pids, key, os.getpid())
     if mode not in MODES:
         print(f"unknown mode {mode!r}", file=sys.stderr)

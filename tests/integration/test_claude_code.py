@@ -24,6 +24,7 @@ import pytest
 
 from phalanx import RunResult, UsageError, run_pipeline
 from phalanx._config import ClaudeCodeRunnerConfig
+from phalanx._databus import MANIFEST
 from phalanx.runners import InputRef, InstanceContext
 from phalanx.runners._claude_code import ClaudeCodeRunner
 from phalanx.testing import (
@@ -293,11 +294,11 @@ def test_claude_code_writes_only_its_staging_folder(tmp_path: Path, claude: str)
     assert stray_files(project, before) == []
     assert list(outside.iterdir()) == []
     assert not (tmp_path / "escape.md").exists()
-    assert sorted(p.name for p in (project / "data/org_a").iterdir()) == [
+    assert sorted(p.name for p in (project / "data/org_a").iterdir() if p.name != MANIFEST) == [
         "activities.json",
         "sources.md",
     ]
-    assert len(upstream_before) == 4
+    assert len(upstream_before) == 6  # 2 organisations: 2 files and a manifest each
     assert all(p.read_bytes() == data for p, data in upstream_before.items())
 
     def result_of(name: str, path: Path | str) -> ToolResult:

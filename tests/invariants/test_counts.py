@@ -84,7 +84,10 @@ def check_counts(project: Project, result: RunResult) -> None:
             stage.failed,
             stage.skipped,
         )
-        counts = f"| {stage.total} | {stage.committed} | {stage.failed} | {stage.skipped} |"
+        counts = (
+            f"| {stage.total} | {stage.committed} | {stage.cached} | {stage.failed} "
+            f"| {stage.skipped} |"
+        )
         assert counts in project.summary(stage.name)
 
 

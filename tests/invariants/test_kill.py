@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from phalanx._databus import MANIFEST
+
 if TYPE_CHECKING:
     from tests.conftest import Project, ProjectFactory
 
@@ -23,7 +25,7 @@ def complete(folder: Path) -> bool:
     """Whether an output folder holds exactly the agent's two files, whole and valid."""
     key = folder.name
     try:
-        names = sorted(p.name for p in folder.iterdir())
+        names = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
         data = json.loads((folder / "out.json").read_text())
         notes = (folder / "notes.md").read_text()
     except (OSError, ValueError):

@@ -38,6 +38,7 @@ class _Row:
     total: int = 0
     running: int = 0
     committed: int = 0
+    cached: int = 0
     failed: int = 0
     skipped: int = 0
     retrying: int = 0
@@ -51,7 +52,7 @@ class _Row:
 
     @property
     def done(self) -> int:
-        return self.committed + self.failed + self.skipped
+        return self.committed + self.cached + self.failed + self.skipped
 
     def elapsed(self) -> float:
         if self.started is None:
@@ -68,9 +69,10 @@ class _Row:
         if ran == 0:
             return "?"
         remaining = self.total - self.done
-        slots = max(1, min(self.concurrency, self.total))
-        if self.done >= slots:
-            return _clock(remaining * self.elapsed() / self.done)
+        finished = self.done - self.cached  # cached ones took no time: leave them out
+        slots = max(1, min(self.concurrency, self.total - self.cached))
+        if finished >= slots:
+            return _clock(remaining * self.elapsed() / finished)
         return _clock(math.ceil(remaining / slots) * self.busy / ran)
 
 
@@ -154,8 +156,9 @@ class Progress:
             row.ended = now
             row.status = "done" if result.met_threshold else "missed"
             row.total = result.total
-            row.committed, row.failed, row.skipped = (
+            row.committed, row.cached, row.failed, row.skipped = (
                 result.committed,
+                result.cached,
                 result.failed,
                 result.skipped,
             )
@@ -164,8 +167,9 @@ class Progress:
                 why = f" ({result.skipped_reason})" if result.skipped_reason else ""
                 if result.usage and not self.live_mode:
                     why += f"; so far {self.usage.describe()}"
+                cached = f"{result.cached} cached, " if result.cached else ""
                 self._print(
-                    f"stage {result.name}: {result.committed} committed, {result.failed} "
+                    f"stage {result.name}: {result.committed} committed, {cached}{result.failed} "
                     f"failed, {result.skipped} skipped of {result.total} in "
                     f"{result.wall_s:.2f}s{why}"
                 )
@@ -181,6 +185,8 @@ class Progress:
         self.usage.add(result.usage)
         if result.status == "committed":
             row.committed += 1
+        elif result.status == "cached":
+            row.cached += 1
         elif result.status == "failed":
             row.failed += 1
         else:
@@ -202,6 +208,7 @@ class Progress:
             "total",
             "running",
             "committed",
+            "cached",
             "failed",
             "skipped",
             "retrying",
@@ -216,6 +223,7 @@ class Progress:
                 str(row.total),
                 str(row.running),
                 str(row.committed),
+                str(row.cached),
                 str(row.failed),
                 str(row.skipped),
                 str(row.retrying),

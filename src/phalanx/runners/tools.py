@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .._databus import MANIFEST
+
 __all__ = ["FileTools", "ToolResult"]
 
 _MAX_WRITE_BYTES = 2 * 1024 * 1024
@@ -206,7 +208,7 @@ class FileTools:
             dirnames.sort()
             for name in sorted(filenames):
                 full = Path(dirpath, name)
-                if full.is_symlink():
+                if full.is_symlink() or name == MANIFEST:  # phalanx's bookkeeping, not data
                     continue
                 rel = full.relative_to(root).as_posix()
                 lines.append(posixpath.join(prefix, rel) if prefix else rel)
