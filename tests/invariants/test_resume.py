@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -254,3 +255,37 @@ def test_agent_killed_with_kill_9_is_retried_and_siblings_are_unaffected(
     logs = project.cli("logs", "latest", "s", "k2", "--attempt", "1")
     assert logs.returncode == 0, logs.stderr
     assert "killed by signal 9" in logs.stdout
+
+
+def test_commit_the_ledger_never_heard_of_is_reconciled_from_the_manifest(
+    make_project: ProjectFactory,
+) -> None:
+    """The orchestrator dies after an output's rename but before the ledger recorded it (made
+    here by deleting those rows and marking the run as still running): ``resume`` finds the
+    commit in the output's manifest, counts it as committed by the run and does not execute
+    it again."""
+    keys = KEYS[:10]
+    pipeline = _pipeline(concurrency=4)
+    pipeline["stages"][0]["partitions"] = {"items": [{"id": key} for key in keys]}  # type: ignore[index]
+    project = make_project(pipeline, {"agents.py": AGENTS})
+    first = project.cli("run", "pipeline.yaml", "--quiet", "--json")
+    assert first.returncode == 0, first.stderr
+    run_id = json.loads(first.stdout)["run_id"]
+    db = sqlite3.connect(project.root / ".phalanx" / "ledger.db")
+    with db:
+        db.execute("DELETE FROM instances WHERE run_id = ? AND key = 'p003'", (run_id,))
+        db.execute("DELETE FROM attempts WHERE run_id = ? AND key = 'p003'", (run_id,))
+        db.execute("UPDATE runs SET status = 'running', ended = NULL WHERE id = ?", (run_id,))
+    db.close()
+    (project.root / "executions.log").unlink()
+
+    resumed = project.cli("resume", "--quiet", "--json")
+
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["run_id"] == run_id
+    assert summary["stages"][0]["committed"] == len(keys)
+    assert not (project.root / "executions.log").exists()  # nothing executed again
+    status = json.loads(project.cli("status", "--json").stdout)
+    assert status["stages"][0]["committed"] == len(keys)
+    assert status["run"]["state"] == "ok"
