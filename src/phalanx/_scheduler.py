@@ -30,6 +30,7 @@ import random
 import secrets
 import time
 import traceback
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -50,7 +51,7 @@ from ._events import (
     StageEnded,
     StageStarted,
 )
-from ._ledger import AttemptOutcome, Ledger, OutcomeRow, RunStatus, open_ledger
+from ._ledger import AttemptOutcome, Ledger, LedgerError, OutcomeRow, RunStatus, open_ledger
 from ._lock import ProjectLock
 from ._manifest import fingerprint, read_manifest, stage_digest, verify_output, write_manifest
 from ._notes import Notes
@@ -312,8 +313,10 @@ class _Run:
         self.digests = {stage.name: {} for stage in selected}
         started = time.monotonic()
         try:
-            await asyncio.to_thread(self._open)
+            # Even when cancelled meanwhile, wait for the thread: it may hold the lock by then.
+            await _to_the_end(asyncio.to_thread(self._open), lambda: None)
         except BaseException:
+            self._close()
             self.pool.shutdown(wait=False)
             for state in states.values():
                 await state.runner.aclose()
@@ -348,12 +351,24 @@ class _Run:
             raise
 
     def _close(self) -> None:
+        """Flush and close the ledger, release the lock; safe to call twice. A ledger that
+        could not record everything (a full disk) is reported, not raised: the outputs and
+        their manifests, which resume relies on, are already safe."""
         try:
             if self.ledger is not None:
-                self.ledger.close()
+                ledger, self.ledger = self.ledger, None
+                ledger.close()
+        except LedgerError as exc:
+            warnings.warn(
+                f"phalanx: the ledger {self.state_dir / 'ledger.db'} missed some records of run "
+                f"{self.run_id}: {exc}; committed outputs are unaffected",
+                RuntimeWarning,
+                stacklevel=1,
+            )
         finally:
             if self.lock is not None:
-                self.lock.release()
+                lock, self.lock = self.lock, None
+                lock.release()
 
     async def _execute(self, states: Mapping[str, _StageState], started: float) -> RunResult:
         selected = [state.plan for state in states.values()]
