@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 _VERSION = 1
+_SMALL = 1 << 20
 # Runner settings that do not change what an agent writes: where a credential lives, which
 # endpoint serves the model, which binary runs the CLI, how long to wait before a kill.
 _OPERATIONAL = frozenset({"api_key_env", "base_url", "command", "kill_grace"})
@@ -58,11 +59,8 @@ class Manifest:
 
 
 def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _content_digest(files: Iterable[tuple[str, str]]) -> str:
@@ -88,8 +86,13 @@ def write_manifest(
     root = os.fspath(staging)
     for name in sorted(files):
         path = f"{root}/{name}"
-        info = os.stat(path)
-        entries[name] = [info.st_size, _sha256_file(path), info.st_mtime_ns]
+        with open(path, "rb", buffering=0) as handle:
+            info = os.fstat(handle.fileno())
+            if info.st_size <= _SMALL:  # most outputs: one read, no 256 KiB buffer to allocate
+                sha = hashlib.sha256(handle.read()).hexdigest()
+            else:
+                sha = hashlib.file_digest(handle, "sha256").hexdigest()
+        entries[name] = [info.st_size, sha, info.st_mtime_ns]
     digest = _content_digest((name, str(entry[1])) for name, entry in entries.items())
     document = {
         "phalanx_manifest": _VERSION,
@@ -101,8 +104,9 @@ def write_manifest(
         "digest": digest,
         "files": entries,
     }
+    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))  # dump() is slower
     with open(f"{root}/{MANIFEST}", "w", encoding="utf-8") as handle:
-        json.dump(document, handle, ensure_ascii=False, separators=(",", ":"))
+        handle.write(text)
     return digest
 
 

@@ -267,7 +267,9 @@ class _Run:
         return asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
     def emit(self, event: Event) -> None:
-        if self.ledger is not None:
+        # The ledger's event log keeps the run's and stages' milestones and every failed
+        # attempt; what each attempt and instance did is in its own tables already.
+        if self.ledger is not None and _logged(event):
             kind, stage, key, attempt, data = _event_row(event)
             self.ledger.event(
                 self.run_id,
@@ -345,6 +347,7 @@ class _Run:
                     pid=os.getpid(),
                     options=self.options,
                 )
+                self.ledger.flush()  # on disk before anything runs: a crash can be resumed
             self.bus.open()
         except BaseException:
             self._close()
@@ -942,7 +945,8 @@ class _Run:
                 ctx.attempt,
                 started=time.time(),
                 fingerprint=print_,
-                log_dir=str(ctx.log_dir.relative_to(self.plan.project_dir)),
+                log_dir=f"{STATE_DIR}/runs/{self.run_id}/logs/{ctx.stage}/{ctx.key}/"
+                f"attempt-{ctx.attempt}",
             )
             return
         usage = ctx.usage or None
@@ -994,6 +998,12 @@ class _Run:
         )
         self.bus.commit(staging, inst.output, stage=inst.stage, key=inst.key)
         self.digests[inst.stage][inst.key] = digest
+
+
+def _logged(event: Event) -> bool:
+    if isinstance(event, AttemptEnded):
+        return event.cause is not None
+    return not isinstance(event, AttemptStarted | InstanceEnded)
 
 
 _EventRow = tuple[str, str | None, str | None, int | None, dict[str, object] | None]
