@@ -32,7 +32,6 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -678,6 +677,7 @@ class SQLiteLedger(Ledger):
         self._queue: queue.SimpleQueue[_Op | threading.Event | _Stop] = queue.SimpleQueue()
         self._error: LedgerError | None = None
         self._error_lock = threading.Lock()
+        self._hurry = threading.Event()  # set by flush() and close(): stop lingering
         self._closed = False
         self._close_lock = threading.Lock()
         self._conn = self._open()
@@ -854,6 +854,7 @@ class SQLiteLedger(Ledger):
         if not self._closed:
             done = threading.Event()
             self._queue.put(done)
+            self._hurry.set()
             while not done.wait(0.5):
                 if not self._thread.is_alive():
                     raise LedgerError(f"the ledger {self.path}: its writer thread has stopped")
@@ -865,6 +866,7 @@ class SQLiteLedger(Ledger):
                 return
             self._closed = True
             self._queue.put(_STOP)
+            self._hurry.set()
             self._thread.join()
             self._conn.close()
         self._raise_error()
@@ -882,7 +884,8 @@ class SQLiteLedger(Ledger):
         while not stopping:
             batch = [self._queue.get()]
             if isinstance(batch[0], tuple):  # a flush or close does not wait
-                time.sleep(_LINGER_S)
+                self._hurry.wait(_LINGER_S)
+            self._hurry.clear()
             while len(batch) < _BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
