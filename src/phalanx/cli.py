@@ -193,7 +193,10 @@ def resume(
     except UsageError as exc:
         _fail(exc)
     if row.state == "ok" and not rerun_failed:
-        click.echo(f"run {row.id} finished with every stage met; nothing to resume")
+        if as_json and row.summary is not None:
+            click.echo(json.dumps(row.summary, indent=2, ensure_ascii=False))
+        else:
+            click.echo(f"run {row.id} finished with every stage met; nothing to resume")
         return
     given = _settings(settings)
     recorded = row.options.get("withheld")

@@ -289,3 +289,23 @@ def test_commit_the_ledger_never_heard_of_is_reconciled_from_the_manifest(
     status = json.loads(project.cli("status", "--json").stdout)
     assert status["stages"][0]["committed"] == len(keys)
     assert status["run"]["state"] == "ok"
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(make_project: ProjectFactory) -> None:
+    """``phalanx resume`` after a run that met every stage runs nothing and says so; with
+    ``--json`` it prints that run's recorded summary."""
+    pipeline = _pipeline(concurrency=4)
+    pipeline["stages"][0]["partitions"] = {"items": [{"id": "a"}, {"id": "b"}]}  # type: ignore[index]
+    project = make_project(pipeline, {"agents.py": AGENTS})
+    first = project.cli("run", "pipeline.yaml", "--quiet", "--json")
+    assert first.returncode == 0, first.stderr
+    (project.root / "executions.log").unlink()
+
+    again = project.cli("resume")
+    as_json = project.cli("resume", "--json")
+
+    assert again.returncode == 0
+    assert as_json.returncode == 0
+    assert "nothing to resume" in again.stdout
+    assert json.loads(as_json.stdout)["run_id"] == json.loads(first.stdout)["run_id"]
+    assert not (project.root / "executions.log").exists()
