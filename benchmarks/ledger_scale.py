@@ -5,8 +5,8 @@ temporary project: a JSON file of N rows, a pipeline file whose runner is ``{typ
 function: "bench_agent:work"}``, and ``bench_agent.py``, an ``async def`` agent that writes one
 tiny ``result.json`` and returns at once. The agent never waits, so the run's wall time is the
 orchestrator's own cost: planning aside, ``wall / N`` is what phalanx spends per instance
-(admission, staging, validation, the manifest, the commit, the notes, and with the ledger on,
-recording every attempt, instance and event).
+(admission, staging, validation, the manifest, the commit, and with the ledger on, recording
+every attempt and instance).
 
 For each repeat, and for the ledger on and then off (the order alternates between repeats, so
 that drift hits both alike), the script:
