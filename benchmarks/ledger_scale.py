@@ -56,6 +56,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from overhead import filesystem  # the same table cell as overhead.py's: one definition
+
 import phalanx
 from phalanx._ledger import LEDGER_FILE, open_ledger
 from phalanx._pipeline import STATE_DIR
@@ -419,25 +421,6 @@ def profile_run(args: argparse.Namespace, tmpdir: str) -> None:
 
 
 # -- the report ------------------------------------------------------------------------------------
-
-
-def filesystem(path: str) -> str:
-    """The type of the filesystem holding ``path`` (from ``/proc/mounts``), or ``"?"``."""
-    try:
-        mounts = Path("/proc/mounts").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return "?"
-    real = os.path.realpath(path)
-    best, kind = "", "?"
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = fields[1]
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, fields[2]
-    return kind
 
 
 def environment(tmpdir: str) -> dict[str, Any]:

@@ -147,6 +147,8 @@ class _Verdict:
     digest: str | None = None
     first: int = 1
     stale: str | None = None
+    inputs: tuple[InputRef, ...] = ()  # the upstream outputs it reads, split once
+    missing: tuple[str, ...] = ()
 
 
 async def run_plan(
@@ -259,7 +261,6 @@ class _Run:
         self.finished: dict[str, asyncio.Event] = {}
         self.active: set[_StageState] = set()
         self.summaries: list[Path] = []
-        self.committed: dict[str, set[str]] = {}
         self.clients = Clients()
         self.logs = self.state_dir / "runs" / run_id / "logs"
 
@@ -519,8 +520,6 @@ class _Run:
         return StageResult(stage.name, instances, stage.required, time.monotonic() - started)
 
     def _ended(self, result: InstanceResult) -> InstanceResult:
-        if result.status in ("committed", "cached"):
-            self.committed.setdefault(result.stage, set()).add(result.key)
         self._recorded(result)
         self.emit(InstanceEnded(result))
         return result
@@ -574,9 +573,10 @@ class _Run:
                 [(ref.stage, ref.key, self._digest(ref)) for ref in inputs],
                 missing,
             )
-            verdicts[inst.key] = self._verdict(state, inst, print_, failed_before.get(inst.key))
-            if inst.key in first:
-                verdicts[inst.key] = replace(verdicts[inst.key], first=first[inst.key] + 1)
+            verdict = self._verdict(state, inst, print_, failed_before.get(inst.key))
+            verdicts[inst.key] = replace(
+                verdict, inputs=inputs, missing=missing, first=first.get(inst.key, 0) + 1
+            )
         return verdicts
 
     def _verdict(
@@ -630,8 +630,8 @@ class _Run:
         present: list[InputRef] = []
         missing: list[str] = []
         for ref in inst.inputs:
-            if ref.stage in self.finished:
-                ok = ref.key in self.committed.get(ref.stage, ())
+            if ref.stage in self.digests:  # a stage of this run: committed or cached
+                ok = ref.key in self.digests[ref.stage]
             else:
                 ok = ref.path.is_dir()
             if ok:
@@ -690,7 +690,7 @@ class _Run:
         stage = state.plan
         held = True
         try:
-            inputs, missing = self._available(inst)
+            inputs, missing = verdict.inputs, verdict.missing
             if inst.inputs and not inputs:
                 state.outcomes[inst.key] = self._ended(
                     InstanceResult(
