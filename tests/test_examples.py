@@ -175,8 +175,10 @@ def test_quickstart_failing_partition_is_isolated_recorded_and_blocks_dependants
     tmp_path: Path,
 ) -> None:
     """One module failing on every attempt: the others commit, the notes hold its three
-    attempts, the stage summary marks it, and with the default min_success of 1.0 the group
-    and overall stages are skipped as upstream failed, so the CLI exits 1."""
+    attempts, the stage summary marks it, and with the default min_success of 1.0 the
+    modules stage misses its threshold: the packages stage (streaming fan-in) starts no
+    group after that, never the failed module's own, and the overall stage is skipped, so
+    the CLI exits 1."""
     project = copy_example("quickstart", tmp_path)
     done = cli(tmp_path, "run", "examples/quickstart/pipeline.yaml", env={FAIL: "json.decoder"})
     assert done.returncode == 1, done.stderr
@@ -192,15 +194,16 @@ def test_quickstart_failing_partition_is_isolated_recorded_and_blocks_dependants
         encoding="utf-8"
     )
     packages = (stages / "packages.md").read_text(encoding="utf-8")
-    assert "The stage did not run: upstream stage 'modules' missed its threshold" in packages
-    assert "| `json` | skipped | upstream failed |" in packages
+    assert "| `json` | skipped | upstream failed | 0 | upstream stage 'modules' missed" in packages
+    overall = (stages / "overall.md").read_text(encoding="utf-8")
+    assert "The stage did not run: upstream stage 'packages'" in overall
 
     data = project / "data"
     expected = len(plan_of(project).stage("modules").instances)
     assert len(list(data.glob("modules/*/facts.json"))) == expected - 1
     assert not (data / "modules" / "json.decoder").exists()
     assert (data / "modules" / "json.encoder" / "facts.json").is_file()
-    assert not (data / "packages").exists()
+    assert not (data / "packages" / "json").exists()
     assert not (data / "overall").exists()
 
 

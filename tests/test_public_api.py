@@ -10,6 +10,7 @@ import phalanx
 
 EXPECTED = {
     "AttemptEnded", "AttemptRecord", "AttemptStarted", "Backoff", "Blueprint", "BlueprintError",
+    "Budget", "BudgetReached", "LanePaused", "LimitChanged", "Speculate",
     "ConfinementError", "CycleError", "Event", "EventHandler", "ExpectSpec", "FatalError",
     "InputRef",
     "InstanceContext", "InstanceEnded", "InstanceError", "InstancePlan", "InstanceResult",

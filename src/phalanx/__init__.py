@@ -6,7 +6,7 @@ The public API is what this module exports; everything in underscore modules is 
 
 from ._api import fan_out, resume_run, run_pipeline
 from ._blueprint import Blueprint, load_blueprint
-from ._config import Backoff, ExpectSpec
+from ._config import Backoff, Budget, ExpectSpec, Speculate
 from ._errors import (
     BlueprintError,
     ConfinementError,
@@ -30,9 +30,12 @@ from ._errors import (
 from ._events import (
     AttemptEnded,
     AttemptStarted,
+    BudgetReached,
     Event,
     EventHandler,
     InstanceEnded,
+    LanePaused,
+    LimitChanged,
     RunEnded,
     RunStarted,
     StageEnded,
@@ -52,6 +55,8 @@ __all__ = [
     "Backoff",
     "Blueprint",
     "BlueprintError",
+    "Budget",
+    "BudgetReached",
     "ConfinementError",
     "CycleError",
     "Event",
@@ -64,6 +69,8 @@ __all__ = [
     "InstanceError",
     "InstancePlan",
     "InstanceResult",
+    "LanePaused",
+    "LimitChanged",
     "OutputConflictError",
     "OutputInvalidError",
     "Partition",
@@ -84,6 +91,7 @@ __all__ = [
     "Runner",
     "RunnerError",
     "RunnerTimeout",
+    "Speculate",
     "StageEnded",
     "StagePlan",
     "StageResult",

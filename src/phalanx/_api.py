@@ -8,7 +8,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from ._config import Backoff, Defaults, ExpectSpec, PipelineConfig, StageConfig
+from ._config import (
+    Backoff,
+    Budget,
+    Defaults,
+    ExpectSpec,
+    PipelineConfig,
+    Speculate,
+    StageConfig,
+)
 from ._errors import UsageError
 from ._events import EventHandler
 from ._ledger import RunRow, find_ledger, open_ledger
@@ -35,6 +43,7 @@ async def run_pipeline(
     force: bool = False,
     force_stages: Iterable[str] = (),
     rerun_failed: bool = False,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Load, plan and run a pipeline file.
 
@@ -42,7 +51,8 @@ async def run_pipeline(
     ``only`` runs only the instances with those keys; ``concurrency`` overrides every stage's
     limit. An instance whose committed output is up to date is not run again (``cached``)
     unless ``force`` (or its stage is in ``force_stages``); one that failed before with the
-    same inputs is retried only with ``rerun_failed``. Raises :class:`~phalanx.UsageError`
+    same inputs is retried only with ``rerun_failed``. ``budget`` replaces the pipeline's run
+    budget. Raises :class:`~phalanx.UsageError`
     (before anything runs) for bad input, :class:`~phalanx.ProjectBusyError` when another run
     holds the project; failures of instances are not raised but reported in the
     :class:`~phalanx.RunResult`.
@@ -58,6 +68,7 @@ async def run_pipeline(
         force_stages=force_stages,
         rerun_failed=rerun_failed,
         options=run_options(loaded, stages=stages, only=only, concurrency=concurrency),
+        budget=budget,
     )
 
 
@@ -127,12 +138,14 @@ async def resume_run(
     settings: Mapping[str, object] | None = None,
     on_event: EventHandler | None = None,
     handle: RunHandle | None = None,
+    budget: Budget | None = None,
 ) -> RunResult:
     """Continue an interrupted run (the newest when ``run_id`` is ``None``) under its own id.
 
     Its committed instances are kept (found from their manifests on disk, so an instance whose
     commit the ledger never heard of is not run again); its in-flight attempts are discarded
-    and run again; its failed instances are retried only with ``rerun_failed``.
+    and run again; its failed instances are retried only with ``rerun_failed``. Instances a
+    spent budget skipped run now, under ``budget`` (or the pipeline's), counted afresh.
     """
     row, plan = resume_plan(project_dir, run_id, settings=settings)
     concurrency = row.options.get("concurrency")
@@ -145,6 +158,7 @@ async def resume_run(
         on_event=on_event,
         handle=handle,
         options=row.options,
+        budget=budget,
     )
 
 
@@ -162,7 +176,7 @@ async def fan_out(
     expect: Iterable[str] | Mapping[str, ExpectSpec] = (),
     concurrency: int = 16,
     retries: int = 2,
-    timeout: float = 600.0,  # noqa: ASYNC109 - per attempt, like the stage field, not for this call
+    timeout: float | str = 600.0,  # noqa: ASYNC109 - per attempt, like the stage field, not for this call
     backoff: Backoff | None = None,
     min_success: float = 1.0,
     on_failure: Literal["continue", "abort"] = "continue",
@@ -170,6 +184,10 @@ async def fan_out(
     on_event: EventHandler | None = None,
     handle: RunHandle | None = None,
     force: bool = False,
+    waves: int | None = None,
+    priority_barrier: bool = False,
+    budget: Budget | None = None,
+    speculate: Speculate | None = None,
 ) -> StageResult:
     """Run one stage without a pipeline file: ``agent`` once per partition, in parallel.
 
@@ -202,6 +220,10 @@ async def fan_out(
         min_success=min_success,
         on_failure=on_failure,
         notes=notes,
+        waves=waves,
+        priority_barrier=priority_barrier,
+        budget=budget,
+        speculate=speculate,
     )
     runner = agent if isinstance(agent, Runner) else PythonRunner(agent)
     result = await run_plan(
@@ -223,11 +245,15 @@ def _one_stage_plan(
     expect: Iterable[str] | Mapping[str, ExpectSpec],
     concurrency: int,
     retries: int,
-    timeout: float,
+    timeout: float | str,
     backoff: Backoff | None,
     min_success: float,
     on_failure: Literal["continue", "abort"],
     notes: str,
+    waves: int | None = None,
+    priority_barrier: bool = False,
+    budget: Budget | None = None,
+    speculate: Speculate | None = None,
 ) -> Plan:
     source = (
         partitions
@@ -250,6 +276,10 @@ def _one_stage_plan(
         backoff=backoff or Backoff(),
         min_success=min_success,
         on_failure=on_failure,
+        waves=waves,
+        priority_barrier=priority_barrier,
+        budget=budget,
+        speculate=speculate,
     )
     config = PipelineConfig(
         name=name,

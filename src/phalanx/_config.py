@@ -25,16 +25,19 @@ from ._prices import Price
 __all__ = [
     "AnthropicRunnerConfig",
     "Backoff",
+    "Budget",
     "ClaudeCodeRunnerConfig",
     "CommandRunnerConfig",
     "Defaults",
     "ExpectSpec",
     "GroupBy",
+    "Guard",
     "LLMRunnerConfig",
     "OpenAIRunnerConfig",
     "PipelineConfig",
     "PythonRunnerConfig",
     "RunnerConfig",
+    "Speculate",
     "StageConfig",
     "parse_duration",
 ]
@@ -60,6 +63,26 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_PERCENT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*%\s*\Z")
+
+
+def _percent(value: str) -> float | None:
+    match = _PERCENT.match(value)
+    return float(match.group(1)) / 100 if match else None
+
+
+def parse_timeout(value: object) -> float | str:
+    """A duration in seconds, or a share of the stage's median duration written ``"300%"``
+    (kept as text; the plan turns it into a factor)."""
+    if isinstance(value, str) and _PERCENT.match(value):
+        if not (_percent(value) or 0) > 0:
+            raise ValueError("a relative timeout must be above 0%")
+        return value.strip()
+    return parse_duration(value)
+
+
+Timeout = Annotated[float | str, BeforeValidator(parse_timeout)]
 
 
 class _Model(BaseModel):
@@ -149,6 +172,78 @@ class Backoff(_Model):
     max: Duration = 60.0
 
 
+Concurrency = int | Literal["auto"]
+"""A fixed number of instances at once, or ``auto``: an adaptive limit per lane (see
+:mod:`phalanx._lanes`) that starts low and grows while the provider accepts the calls."""
+
+
+def _concurrency(value: object) -> object:
+    if value == "auto" or value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("concurrency is a whole number >= 1 or 'auto'")
+    return value
+
+
+class Budget(_Model):
+    """``budget: {usd: 5, tokens: 2000000}``: once a run (or stage) has spent this much, no
+    new attempt starts; attempts in flight finish, the rest are skipped (budget)."""
+
+    usd: float | None = Field(default=None, gt=0)
+    tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> Budget:
+        if self.usd is None and self.tokens is None:
+            raise ValueError("a budget names usd, tokens or both, e.g. {usd: 5}")
+        return self
+
+
+class Guard(_Model):
+    """The local resource guard of ``command`` and ``claude-code`` stages: beyond one instance
+    per core, a new instance is admitted only while the machine has ``min_free_memory_mb`` of
+    available memory and a one-minute load average under ``max_load`` per core."""
+
+    min_free_memory_mb: int = Field(default=512, ge=0)
+    max_load: float = Field(default=1.0, gt=0)
+
+
+class Speculate(_Model):
+    """``speculate: {after: p90, max_extra: 5%}``: when an attempt runs longer than the
+    ``after`` percentile of the stage's successful durations (known once ``min_samples`` have
+    succeeded), a backup attempt of the same instance starts; the first valid commit wins and
+    the other is cancelled. At most ``max_extra`` of the stage's instances get a backup."""
+
+    after: str = "p90"
+    max_extra: float | str = "5%"
+    min_samples: int = Field(default=10, ge=1)
+
+    @field_validator("after")
+    @classmethod
+    def _percentile(cls, value: str) -> str:
+        match = re.fullmatch(r"p(\d+(?:\.\d+)?)", value.strip())
+        if not match or not 0 < float(match.group(1)) < 100:
+            raise ValueError("after is a percentile of the stage's durations, such as p90 or p99")
+        return value.strip()
+
+    @field_validator("max_extra")
+    @classmethod
+    def _share(cls, value: float | str) -> float | str:
+        share = _percent(value) if isinstance(value, str) else value
+        if share is None or not 0 < share <= 1:
+            raise ValueError("max_extra is a share of the stage's instances, such as 5% or 0.05")
+        return value
+
+    @property
+    def percentile(self) -> float:
+        return float(self.after.strip()[1:])
+
+    @property
+    def share(self) -> float:
+        value = self.max_extra
+        return (_percent(value) or 0.0) if isinstance(value, str) else float(value)
+
+
 class ExpectSpec(_Model):
     """What one expected output file must satisfy beyond existing and being non-empty."""
 
@@ -169,9 +264,11 @@ class Defaults(_Model):
 
     runner: dict[str, Any] | None = None
     prompt: Literal["inline", "reference"] = "inline"
-    concurrency: int = Field(default=16, ge=1)
+    concurrency: Annotated[Concurrency | None, BeforeValidator(_concurrency)] = None
+    """``None``: ``auto`` for the ``anthropic`` and ``openai`` runners, 16 for the others."""
+    guard: Guard | bool = True
     retries: int = Field(default=2, ge=0)
-    timeout: Duration = 600.0
+    timeout: Timeout = 600.0
     on_failure: Literal["continue", "abort"] = "continue"
     min_success: Annotated[float, Field(ge=0)] = 1.0
     backoff: Backoff = Backoff()
@@ -209,9 +306,20 @@ class StageConfig(_Model):
     check: list[str] | None = Field(default=None, min_length=1)
     reads: list[str] = Field(default_factory=list)
     runner: dict[str, Any] | None = None
-    concurrency: int | None = Field(default=None, ge=1)
+    concurrency: Annotated[Concurrency | None, BeforeValidator(_concurrency)] = None
+    waves: int | None = Field(default=None, ge=1)
+    barrier: Literal["stream", "stage"] = "stream"
+    """``stream``: a group (or, following a stage, a key) starts as soon as its own inputs
+    have ended; ``stage``: once the whole upstream stage has passed its barrier."""
+    priority: float = 0.0
+    priority_barrier: bool = False
+    budget: Budget | None = None
+    guard: Guard | bool | None = None
     retries: int | None = Field(default=None, ge=0)
-    timeout: Duration | None = None
+    timeout: Timeout | None = None
+    """Seconds, or ``"300%"``: three times the median duration of the stage's successful
+    attempts so far (the default's seconds until enough have succeeded)."""
+    speculate: Speculate | None = None
     on_failure: Literal["continue", "abort"] | None = None
     min_success: Annotated[float, Field(ge=0)] | None = None
     backoff: Backoff | None = None
@@ -298,6 +406,7 @@ class PipelineConfig(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
     defaults: Defaults = Defaults()
     concurrency: int = Field(default=256, ge=1)
+    budget: Budget | None = None
     notes: str = "wip/notes.md"
     summaries: str = "wip/stages"
     prices: dict[str, Price] = Field(default_factory=dict)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import posixpath
@@ -33,9 +34,12 @@ __all__ = [
     "MANIFEST",
     "DataBus",
     "OutputRules",
+    "Scan",
     "changed_inputs",
     "expected_name",
     "load_schema",
+    "read_all",
+    "read_file",
     "scan",
     "snapshot",
 ]
@@ -73,9 +77,15 @@ class OutputRules:
         self.schemas = schemas
         self.check = check
         self.check_timeout = check_timeout
+        self._fixed: tuple[str, ...] | None = None  # the names, when no template has a field
+        if not any("{" in template for template in expect):
+            with contextlib.suppress(ValueError):  # raised again, per instance, by names()
+                self._fixed = tuple(expected_name(template, {}) for template in expect)
 
     def names(self, values: Mapping[str, object]) -> tuple[str, ...]:
         """The expected file names of one instance (templates rendered with its values)."""
+        if self._fixed is not None:
+            return self._fixed
         return tuple(expected_name(template, values) for template in self.expect)
 
     def cheap(self, files: Mapping[str, int]) -> bool:
@@ -92,17 +102,18 @@ class OutputRules:
     ) -> None:
         """Raise :class:`OutputInvalidError` or :class:`ConfinementError` unless the staging
         folder holds a complete, valid output. ``files`` is the folder's :func:`scan`, when
-        the caller already has it."""
+        the caller already has it; the hashes of the files read here are kept in it (see
+        :class:`Scan`)."""
         if files is None:
             files = scan(staging)
+        root = os.fspath(staging)
         problems: list[str] = []
         if MANIFEST in files:
             problems.append(f"{MANIFEST}: the name is reserved for phalanx's own manifest")
         if not self.expect and not files:
             problems.append("the agent wrote no file (the stage expects at least one)")
         checked: set[str] = set()
-        for template in self.expect:
-            name = expected_name(template, values)
+        for template, name in zip(self.expect, self.names(values), strict=True):
             checked.add(name)
             size = files.get(name)
             if size is None:
@@ -110,12 +121,12 @@ class OutputRules:
             elif size == 0:
                 problems.append(f"{name}: empty")
             elif (validator := self.schemas.get(template)) is not None:
-                problems.extend(_schema_problems(staging / name, name, validator))
+                problems.extend(_schema_problems(root, name, files, validator))
             elif name.endswith(".json"):
-                problems.extend(_load_json(staging / name, name)[1])
+                problems.extend(_load_json(root, name, files)[1])
         for name in sorted(files):
             if name.endswith(".json") and name not in checked:
-                problems.extend(_load_json(staging / name, name)[1])
+                problems.extend(_load_json(root, name, files)[1])
         if problems:
             shown = problems[:_MAX_PROBLEMS]
             more = len(problems) - len(shown)
@@ -166,12 +177,33 @@ def expected_name(template: str, values: Mapping[str, object]) -> str:
     return norm
 
 
-def scan(staging: Path) -> dict[str, int]:
-    """Relative path -> size of every regular file under ``staging``.
+class Scan(dict[str, int]):
+    """What :func:`scan` found in a staging folder: relative path -> size, plus what the
+    manifest needs of each file. ``mtimes`` holds every file's modification time (ns);
+    ``hashes`` the SHA-256 of the files validation read, so that
+    :func:`~phalanx._manifest.write_manifest` need not read them again."""
+
+    __slots__ = ("hashes", "mtimes")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mtimes: dict[str, int] = {}
+        self.hashes: dict[str, str] = {}
+
+    def read(self, name: str, data: bytes) -> None:
+        """``data`` is the content of ``name`` as read after the scan: keep its hash, unless
+        its size says the file changed since."""
+        if len(data) == self.get(name):
+            self.hashes[name] = hashlib.sha256(data).hexdigest()
+
+
+def scan(staging: Path) -> Scan:
+    """Relative path -> size of every regular file under ``staging`` (a :class:`Scan`).
 
     Raises :class:`ConfinementError` for a symlink or a special file anywhere in it.
     """
-    files: dict[str, int] = {}
+    files = Scan()
+    mtimes = files.mtimes
     pending = [("", os.fspath(staging))]
     while pending:
         prefix, folder = pending.pop()
@@ -183,7 +215,9 @@ def scan(staging: Path) -> dict[str, int]:
                         f"output {rel} is a symlink; outputs must be plain files and folders"
                     )
                 if entry.is_file():
-                    files[rel] = entry.stat().st_size
+                    info = entry.stat(follow_symlinks=False)
+                    files[rel] = info.st_size
+                    mtimes[rel] = info.st_mtime_ns
                 elif entry.is_dir():
                     pending.append((rel + "/", entry.path))
                 else:
@@ -216,22 +250,53 @@ def changed_inputs(before: Snapshot, folders: list[Path]) -> list[str]:
     )
 
 
-def _load_json(path: Path, name: str) -> tuple[Any, list[str]]:
+def read_file(path: str, size: int) -> bytes:
+    """The content of the file at ``path``, which a scan found ``size`` bytes long: three
+    system calls when it still is (``Path.read_bytes`` takes nine)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return json.loads(path.read_bytes()), []
+        return read_all(fd, size)
+    finally:
+        os.close(fd)
+
+
+def read_all(fd: int, size: int) -> bytes:
+    """The rest of the open file ``fd``, expected to be ``size`` bytes: one ``read`` when it
+    is, more when it is not (it changed, or a filesystem returned less)."""
+    data = os.read(fd, size + 1)
+    if len(data) == size:
+        return data
+    chunks = [data]
+    while chunk := os.read(fd, max(size, 1 << 16)):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _load_json(root: str, name: str, files: Mapping[str, int]) -> tuple[Any, list[str]]:
+    data = read_file(f"{root}/{name}", files[name])
+    if isinstance(files, Scan):
+        files.read(name, data)
+    try:
+        return json.loads(data), []
     except UnicodeDecodeError:
         return None, [f"{name}: not UTF-8 text"]
     except json.JSONDecodeError as exc:
         return None, [f"{name}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"]
 
 
-def _schema_problems(path: Path, name: str, validator: jsonschema.protocols.Validator) -> list[str]:
-    document, problems = _load_json(path, name)
+def _schema_problems(
+    root: str, name: str, files: Mapping[str, int], validator: jsonschema.protocols.Validator
+) -> list[str]:
+    document, problems = _load_json(root, name, files)
     if problems:
         return problems
     errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
     return [f"{name}: {error.json_path}: {error.message}" for error in errors[:3]]
 
+
+_TAKEN = frozenset({errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR})
+"""What ``rename(2)`` of a folder fails with when something is in the way: a folder with
+files in it, or a file. (An empty folder it replaces.)"""
 
 _OWNER = ".owner"
 _UNOWNED_GRACE_S = 3600.0
@@ -264,19 +329,20 @@ class DataBus:
         self.project_dir = project_dir
         self.staging_root = state_dir / "staging" / run_id
         self.trash_root = state_dir / "trash" / run_id
+        self._staging = os.fspath(self.staging_root)
         self._made: set[str] = set()
 
     def staging_dir(self, stage: str, key: str, attempt: int) -> Path:
         """Create and return a fresh, empty staging folder for one attempt."""
-        parent = f"{self.staging_root}/{stage}"
+        parent = f"{self._staging}/{stage}"
         self._ensure(parent)
-        path = Path(f"{parent}/{key}.{attempt}")
+        path = f"{parent}/{key}.{attempt}"
         try:
-            path.mkdir()
+            os.mkdir(path)
         except FileExistsError:  # left by an attempt of the same number that crashed
             shutil.rmtree(path)
-            path.mkdir()
-        return path
+            os.mkdir(path)
+        return Path(path)
 
     def _ensure(self, folder: str) -> None:
         if folder not in self._made:
@@ -285,7 +351,16 @@ class DataBus:
 
     def commit(self, staging: Path, final: Path, *, stage: str, key: str) -> None:
         """Move a validated staging folder onto ``final`` (replacing an older output)."""
-        self._ensure(os.path.dirname(final))
+        target = os.fspath(final)
+        self._ensure(os.path.dirname(target))
+        try:  # most outputs are new: one rename, no look first
+            os.rename(staging, target)
+        except OSError as exc:
+            # Something is there (a folder with files, a file, a link) or another filesystem.
+            if exc.errno not in _TAKEN and exc.errno != errno.EXDEV:
+                raise
+        else:
+            return
         old = None
         if os.path.lexists(final):
             old = self.trash_root / stage / key

@@ -11,8 +11,11 @@ backends move them across process boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "BlueprintError",
+    "CallTimeout",
     "ConfinementError",
     "CycleError",
     "FatalError",
@@ -128,11 +131,49 @@ class RunnerTimeout(RunnerError):
     cause = "timeout"
 
 
+class CallTimeout(RunnerError):
+    """One model call got no answer within the client's own per-call timeout. Unlike
+    :class:`RunnerTimeout` (the whole attempt overran the stage's ``timeout`` and was stopped),
+    this is a single request; a lane (:mod:`phalanx._lanes`) takes it as a sign the provider
+    is overloaded and lowers its concurrency before the error fails the attempt."""
+
+    cause = "timeout"
+
+
 class RateLimited(RunnerError):
     """The provider refused the call for now (429, 529, 503); ``retry_after`` says how long it
-    asked us to wait, when it said."""
+    asked us to wait, when it said. ``headers`` are the refusal's rate-limit headers (only
+    those: ``retry-after`` and the ``*ratelimit*`` family, never cookies), from which a lane
+    re-synchronises its token buckets."""
 
     cause = "rate-limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: str = "",
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, detail=detail, retry_after=retry_after)
+        self.headers: Mapping[str, str] | None = dict(headers) if headers is not None else None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_rate_limited,
+            (type(self), self.message, self.detail, self.retry_after, self.headers),
+        )
+
+
+def _rebuild_rate_limited(
+    cls: type[RateLimited],
+    message: str,
+    detail: str,
+    retry_after: float | None,
+    headers: Mapping[str, str] | None,
+) -> RateLimited:
+    return cls(message, detail=detail, retry_after=retry_after, headers=headers)
 
 
 class PermanentError(RunnerError):

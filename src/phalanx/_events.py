@@ -14,9 +14,12 @@ from ._results import InstanceResult, StageResult
 __all__ = [
     "AttemptEnded",
     "AttemptStarted",
+    "BudgetReached",
     "Event",
     "EventHandler",
     "InstanceEnded",
+    "LanePaused",
+    "LimitChanged",
     "RunEnded",
     "RunStarted",
     "StageEnded",
@@ -80,6 +83,35 @@ class RunEnded:
     cancelled: bool
 
 
+@dataclass(frozen=True)
+class LimitChanged:
+    """A concurrency limit moved: a lane's adaptive limit (``lane`` set; ``reason``
+    ``increase``, ``decrease`` or ``ceiling``) or a stage's limit changed by ``phalanx tune``
+    (``stage`` set, ``reason`` ``tune``)."""
+
+    stage: str | None
+    lane: str | None
+    old: int
+    new: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class LanePaused:
+    """A provider refused a call (429/529/503): every call of ``lane`` waits ``seconds``."""
+
+    lane: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BudgetReached:
+    """A budget is spent: ``stage`` starts no new attempt (``reason`` says which budget)."""
+
+    stage: str
+    reason: str
+
+
 Event = (
     RunStarted
     | StageStarted
@@ -88,5 +120,8 @@ Event = (
     | InstanceEnded
     | StageEnded
     | RunEnded
+    | LimitChanged
+    | LanePaused
+    | BudgetReached
 )
 EventHandler = Callable[[Event], None]

@@ -23,11 +23,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ._admission import request_change
 from ._errors import UsageError
 from ._ledger import LEDGER_FILE, AttemptRow, Ledger, RunRow, find_ledger, open_ledger
-from ._pipeline import STATE_DIR
+from ._pipeline import STATE_DIR, load_pipeline
 
-__all__ = ["logs", "register", "runs", "status"]
+__all__ = ["logs", "register", "runs", "status", "tune"]
 
 EXIT_USAGE = 2
 _COUNTED = ("committed", "cached", "running", "failed", "skipped")
@@ -444,7 +445,59 @@ def logs(run_ref: str, stage: str, key: str, number: int | None, project: Path |
         click.echo(text, nl=not text.endswith("\n"))
 
 
+def _stage_names(run: RunRow, ledger: Ledger) -> list[str]:
+    """The stages of a run: those that started, and those its pipeline file declares."""
+    names = [row.name for row in ledger.stage_rows(run.id)]
+    try:
+        pipeline = load_pipeline(str(run.options.get("pipeline") or run.pipeline_file))
+    except (UsageError, OSError):
+        return names  # a fan_out() run has no file; its stages are all started
+    return names + [s.name for s in pipeline.config.stages if s.name not in names]
+
+
+@click.command()
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    required=True,
+    help="The new limit: instances at once per stage (for an adaptive stage, its ceiling).",
+)
+@click.option("--stage", help="Only this stage (default: every stage of the run).")
+@_project_option
+def tune(run_ref: str | None, concurrency: int, stage: str | None, project: Path | None) -> None:
+    """Change the concurrency of RUN while it runs (the newest run by default).
+
+    The run picks the change up within a second and records it in its event log. Lowering
+    the limit stops no instance: the run admits no new one until fewer are in flight.
+    """
+    with _ledger(project) as (ledger, root):
+        try:
+            run = _run(ledger, run_ref)
+            if run.state != "running":
+                raise UsageError(
+                    f"run {run.id} is not running ({run.state}); tune changes a run in "
+                    "progress. Set concurrency in the pipeline file, or pass --concurrency to "
+                    "phalanx run or resume"
+                )
+            stages = _stage_names(run, ledger)
+            if stage is not None and stage not in stages:
+                raise UsageError(
+                    f"run {run.id} has no stage {stage!r}; its stages: {', '.join(stages)}"
+                )
+        except UsageError as exc:
+            _fail(exc)
+    change = request_change(
+        root / STATE_DIR / "runs" / run.id, concurrency=concurrency, stage=stage
+    )
+    where = f"stage {stage}" if stage else "every stage"
+    click.echo(
+        f"asked run {run.id} to run {where} at concurrency {concurrency} (change {change.seq})"
+    )
+
+
 def register(group: click.Group) -> None:
-    """Add ``runs``, ``status`` and ``logs`` to ``group`` (the ``phalanx`` command)."""
-    for command in (runs, status, logs):
+    """Add ``runs``, ``status``, ``logs`` and ``tune`` to ``group`` (the ``phalanx``
+    command)."""
+    for command in (runs, status, logs, tune):
         group.add_command(command)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import itertools
 import json
 import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -669,6 +671,205 @@ def _attempt_row(row: tuple[Any, ...]) -> AttemptRow:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# The writer's batches: merged per row, written with multi-row statements
+
+_ROWS: Final = 256
+"""The most rows one statement inserts."""
+_MERGED: Final = frozenset({"attempt_started", "attempt_ended", "instance_ended", "event"})
+"""The writes :class:`_Merged` takes: the per-instance ones, thousands a second."""
+
+_AttemptKey = tuple[str, str, str, int]
+_InstanceKey = tuple[str, str, str]
+
+# What the merged rows are written with. Whole rows replace what was there; the other two
+# change some columns of a row that may exist already (an attempt that started in an earlier
+# transaction ends; an instance starts an attempt).
+_ALL_ATTEMPT = f"INSERT OR REPLACE INTO attempts ({_ATTEMPT_COLUMNS})"
+_ATTEMPT_END = (
+    "INSERT INTO attempts (run_id, stage, key, attempt, started, ended, duration_s, outcome,"
+    " cause, message, detail, usage, cost_usd)"
+)
+_ATTEMPT_END_UPDATE = (
+    " ON CONFLICT (run_id, stage, key, attempt) DO UPDATE SET"
+    " ended = excluded.ended, duration_s = excluded.duration_s,"
+    " outcome = excluded.outcome, cause = excluded.cause, message = excluded.message,"
+    " detail = excluded.detail, usage = excluded.usage, cost_usd = excluded.cost_usd"
+)
+_RUNNING = "INSERT INTO instances (run_id, stage, key, status, fingerprint, attempts, updated)"
+_RUNNING_UPDATE = (
+    " ON CONFLICT (run_id, stage, key) DO UPDATE SET"
+    " status = excluded.status, fingerprint = excluded.fingerprint,"
+    " attempts = excluded.attempts, updated = excluded.updated,"
+    " cause = NULL, message = NULL, reason = NULL"
+)
+_ALL_INSTANCE = f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS})"
+_ALL_OUTCOME = f"INSERT OR REPLACE INTO outcomes ({_OUTCOME_COLUMNS})"
+_EVENT = "INSERT INTO events (run_id, t, kind, stage, key, attempt, data)"
+
+
+def _rows_per_statement(variables: int) -> dict[int, int]:
+    """Row width -> the most rows one statement takes (a power of two), within SQLite's limit
+    on bound values."""
+    most: dict[int, int] = {}
+    for width in (7, 9, 11, 13, 14):
+        rows = max(1, min(_ROWS, variables // width))
+        most[width] = 1 << (rows.bit_length() - 1)
+    return most
+
+
+@functools.cache
+def _values_sql(head: str, tail: str, width: int, rows: int) -> str:
+    one = "(" + ", ".join("?" * width) + ")"
+    return f"{head} VALUES {', '.join([one] * rows)}{tail}"
+
+
+class _Merged:
+    """The per-instance writes of one transaction, merged per row and written with a few
+    multi-row statements.
+
+    Within a batch, most attempts both start and end, and most instances start their attempt
+    and end: each becomes one row in ``attempts`` and one in ``instances`` instead of a
+    statement per write. The rows that result are exactly those the writes would leave one
+    by one, in order. Few statements also mean few hand-overs of the GIL: ``sqlite3`` releases
+    it for every statement it steps, and each release is a chance for the writer and the event
+    loop to fight over it. Rows are written in groups whose sizes are powers of two, so that
+    SQLite's statement cache keeps every statement this needs.
+    """
+
+    def __init__(self, most: Mapping[int, int]) -> None:
+        self.most = most
+        self.attempts: dict[_AttemptKey, list[Any]] = {}  # whole rows
+        self.attempt_ends: dict[_AttemptKey, list[Any]] = {}  # an end, started earlier
+        self.running: dict[_InstanceKey, list[Any]] = {}  # an attempt started, nothing else
+        self.instances: dict[_InstanceKey, list[Any]] = {}  # whole rows
+        self.outcomes: dict[_InstanceKey, tuple[Any, ...]] = {}  # whole rows
+        self.events: list[tuple[Any, ...]] = []
+
+    def add(self, op: _Op) -> None:
+        """Merge one write (a name in :data:`_MERGED`) into the rows."""
+        name = op[0]
+        if name == "attempt_ended":
+            self._attempt_ended(*op[1:])
+        elif name == "attempt_started":
+            self._attempt_started(*op[1:])
+        elif name == "instance_ended":
+            self._instance_ended(*op[1:])
+        else:
+            run_id, t, kind, stage, key, attempt, data = op[1:]
+            self.events.append((run_id, t, kind, stage, key, attempt, _json(data)))
+
+    def _attempt_started(
+        self,
+        run_id: str,
+        stage: str,
+        key: str,
+        attempt: int,
+        started: float,
+        fingerprint: str | None,
+        log_dir: str | None,
+    ) -> None:
+        # The attempt's row whole: a start resets every column an earlier write set.
+        where = (run_id, stage, key, attempt)
+        self.attempt_ends.pop(where, None)
+        self.attempts[where] = [
+            run_id, stage, key, attempt, started, None, None, "running", None, None, None,
+            log_dir, None, None,
+        ]  # fmt: skip
+        instance = self.instances.get(where[:3])
+        if instance is None:
+            self.running[(run_id, stage, key)] = [
+                run_id, stage, key, "running", fingerprint, attempt, started,
+            ]  # fmt: skip
+        else:  # the instance ended earlier in this batch and runs again: keep duration_s
+            instance[3:9] = ["running", fingerprint, None, None, None, attempt]
+            instance[10] = started
+
+    def _attempt_ended(
+        self,
+        run_id: str,
+        stage: str,
+        key: str,
+        attempt: int,
+        ended: float,
+        duration_s: float,
+        outcome: str,
+        cause: str | None,
+        message: str,
+        detail: str,
+        usage: Mapping[str, object] | None,
+        cost_usd: float | None,
+    ) -> None:
+        where = (run_id, stage, key, attempt)
+        usage_json = _json(usage)
+        row = self.attempts.get(where)
+        if row is not None:  # started in this batch
+            row[5:11] = [ended, duration_s, outcome, cause, message, detail]
+            row[12:14] = [usage_json, cost_usd]
+            return
+        earlier = self.attempt_ends.get(where)
+        # The start a new row gets when none was recorded: the first end's, as one by one.
+        started = earlier[4] if earlier is not None else ended - duration_s
+        self.attempt_ends[where] = [
+            run_id, stage, key, attempt, started, ended, duration_s, outcome, cause, message,
+            detail, usage_json, cost_usd,
+        ]  # fmt: skip
+
+    def _instance_ended(
+        self,
+        run_id: str,
+        stage: str,
+        key: str,
+        pipeline: str,
+        status: str,
+        fingerprint: str | None,
+        cause: str | None,
+        message: str,
+        reason: str | None,
+        attempts: int,
+        duration_s: float,
+        ended: float,
+    ) -> None:
+        where = (run_id, stage, key)
+        self.running.pop(where, None)
+        self.instances[where] = [
+            run_id, stage, key, status, fingerprint, cause, message, reason, attempts,
+            duration_s, ended,
+        ]  # fmt: skip
+        latest = _outcome_status(status)
+        if latest is not None:
+            self.outcomes[(pipeline, stage, key)] = (
+                pipeline, stage, key, fingerprint, latest, cause, message, run_id, ended,
+            )  # fmt: skip
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        """Execute what was merged so far, then start afresh. The groups touch different
+        rows, so their order does not matter; events keep theirs."""
+        self._insert(conn, _ALL_ATTEMPT, "", list(self.attempts.values()))
+        self._insert(conn, _ATTEMPT_END, _ATTEMPT_END_UPDATE, list(self.attempt_ends.values()))
+        self._insert(conn, _RUNNING, _RUNNING_UPDATE, list(self.running.values()))
+        self._insert(conn, _ALL_INSTANCE, "", list(self.instances.values()))
+        self._insert(conn, _ALL_OUTCOME, "", list(self.outcomes.values()))
+        self._insert(conn, _EVENT, "", self.events)
+        self.attempts, self.attempt_ends, self.running = {}, {}, {}
+        self.instances, self.outcomes, self.events = {}, {}, []
+
+    def _insert(
+        self, conn: sqlite3.Connection, head: str, tail: str, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        if not rows:
+            return
+        width = len(rows[0])
+        most = self.most[width]
+        done = 0
+        while done < len(rows):
+            left = len(rows) - done
+            size = most if left >= most else 1 << (left.bit_length() - 1)
+            values = list(itertools.chain.from_iterable(rows[done : done + size]))
+            conn.execute(_values_sql(head, tail, width, size), values)
+            done += size
+
+
 class SQLiteLedger(Ledger):
     """The ledger in one SQLite file (see the module's docstring for how it writes)."""
 
@@ -681,6 +882,9 @@ class SQLiteLedger(Ledger):
         self._closed = False
         self._close_lock = threading.Lock()
         self._conn = self._open()
+        self._rows_per_statement = _rows_per_statement(
+            self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        )
         self._thread = threading.Thread(
             target=self._write_loop, name=f"phalanx-ledger:{path}", daemon=True
         )
@@ -925,11 +1129,22 @@ class SQLiteLedger(Ledger):
                     self._keep(op, exc)
 
     def _transaction(self, ops: list[_Op]) -> None:
+        """Record ``ops`` in one transaction: the run and stage writes one statement each, in
+        order; the per-instance writes merged per row (:class:`_Merged`)."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            merged = _Merged(self._rows_per_statement)
             for op in ops:
-                getattr(self, f"_do_{op[0]}")(conn, *op[1:])
+                name = op[0]
+                if name in _MERGED:
+                    merged.add(op)
+                elif name == "discard_running":  # acts on rows written before it
+                    merged.write(conn)
+                    self._do_discard_running(conn, *op[1:])
+                else:  # runs and stages: other tables, a handful per run
+                    getattr(self, f"_do_{name}")(conn, *op[1:])
+            merged.write(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -1018,135 +1233,6 @@ class SQLiteLedger(Ledger):
             " status = excluded.status, ended = excluded.ended,"
             " skipped_reason = excluded.skipped_reason",
             (run_id, stage, position, total, status, ended, skipped_reason),
-        )
-
-    @staticmethod
-    def _do_attempt_started(
-        conn: sqlite3.Connection,
-        run_id: str,
-        stage: str,
-        key: str,
-        attempt: int,
-        started: float,
-        fingerprint: str | None,
-        log_dir: str | None,
-    ) -> None:
-        conn.execute(
-            "INSERT INTO attempts (run_id, stage, key, attempt, started, outcome, log_dir)"
-            " VALUES (?, ?, ?, ?, ?, 'running', ?)"
-            " ON CONFLICT (run_id, stage, key, attempt) DO UPDATE SET"
-            " started = excluded.started, ended = NULL, duration_s = NULL,"
-            " outcome = 'running', cause = NULL, message = NULL, detail = NULL,"
-            " log_dir = excluded.log_dir, usage = NULL, cost_usd = NULL",
-            (run_id, stage, key, attempt, started, log_dir),
-        )
-        conn.execute(
-            "INSERT INTO instances (run_id, stage, key, status, fingerprint, attempts, updated)"
-            " VALUES (?, ?, ?, 'running', ?, ?, ?)"
-            " ON CONFLICT (run_id, stage, key) DO UPDATE SET"
-            " status = 'running', fingerprint = excluded.fingerprint,"
-            " attempts = excluded.attempts, updated = excluded.updated,"
-            " cause = NULL, message = NULL, reason = NULL",
-            (run_id, stage, key, fingerprint, attempt, started),
-        )
-
-    @staticmethod
-    def _do_attempt_ended(
-        conn: sqlite3.Connection,
-        run_id: str,
-        stage: str,
-        key: str,
-        attempt: int,
-        ended: float,
-        duration_s: float,
-        outcome: str,
-        cause: str | None,
-        message: str,
-        detail: str,
-        usage: Mapping[str, object] | None,
-        cost_usd: float | None,
-    ) -> None:
-        conn.execute(
-            "INSERT INTO attempts (run_id, stage, key, attempt, started, ended, duration_s,"
-            " outcome, cause, message, detail, usage, cost_usd)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (run_id, stage, key, attempt) DO UPDATE SET"
-            " ended = excluded.ended, duration_s = excluded.duration_s,"
-            " outcome = excluded.outcome, cause = excluded.cause, message = excluded.message,"
-            " detail = excluded.detail, usage = excluded.usage, cost_usd = excluded.cost_usd",
-            (
-                run_id,
-                stage,
-                key,
-                attempt,
-                ended - duration_s,
-                ended,
-                duration_s,
-                outcome,
-                cause,
-                message,
-                detail,
-                _json(usage),
-                cost_usd,
-            ),
-        )
-
-    @staticmethod
-    def _do_instance_ended(
-        conn: sqlite3.Connection,
-        run_id: str,
-        stage: str,
-        key: str,
-        pipeline: str,
-        status: str,
-        fingerprint: str | None,
-        cause: str | None,
-        message: str,
-        reason: str | None,
-        attempts: int,
-        duration_s: float,
-        ended: float,
-    ) -> None:
-        conn.execute(
-            f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS})"  # noqa: S608 - constant column names; values are bound
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                run_id,
-                stage,
-                key,
-                status,
-                fingerprint,
-                cause,
-                message,
-                reason,
-                attempts,
-                duration_s,
-                ended,
-            ),
-        )
-        latest = _outcome_status(status)
-        if latest is not None:
-            conn.execute(
-                f"INSERT OR REPLACE INTO outcomes ({_OUTCOME_COLUMNS})"  # noqa: S608 - constant column names; values are bound
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (pipeline, stage, key, fingerprint, latest, cause, message, run_id, ended),
-            )
-
-    @staticmethod
-    def _do_event(
-        conn: sqlite3.Connection,
-        run_id: str,
-        t: float,
-        kind: str,
-        stage: str | None,
-        key: str | None,
-        attempt: int | None,
-        data: Mapping[str, object] | None,
-    ) -> None:
-        conn.execute(
-            "INSERT INTO events (run_id, t, kind, stage, key, attempt, data)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (run_id, t, kind, stage, key, attempt, _json(data)),
         )
 
     @staticmethod

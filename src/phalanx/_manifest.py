@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._databus import MANIFEST
+from ._databus import MANIFEST, Scan, read_all
 from ._pipeline import StagePlan
 from .runners import Runner
 from .runners.python import PythonRunner
@@ -40,6 +40,9 @@ __all__ = [
 
 _VERSION = 1
 _SMALL = 1 << 20
+# json.dumps with options builds an encoder per call; one is enough.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 # Runner settings that do not change what an agent writes: where a credential lives, which
 # endpoint serves the model, which binary runs the CLI, how long to wait before a kill.
 _OPERATIONAL = frozenset({"api_key_env", "base_url", "command", "kill_grace"})
@@ -71,6 +74,23 @@ def _content_digest(files: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
+def _describe(path: str) -> list[object]:
+    """A file's manifest entry, ``[size, sha256, mtime_ns]``, from one open of it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if info.st_size <= _SMALL:  # most outputs: one read
+            sha = hashlib.sha256(read_all(fd, info.st_size)).hexdigest()
+        else:
+            hasher = hashlib.sha256()
+            while chunk := os.read(fd, _SMALL):
+                hasher.update(chunk)
+            sha = hasher.hexdigest()
+    finally:
+        os.close(fd)
+    return [info.st_size, sha, info.st_mtime_ns]
+
+
 def write_manifest(
     staging: Path,
     files: Mapping[str, int],
@@ -81,18 +101,20 @@ def write_manifest(
     attempt: int,
     fingerprint: str,
 ) -> str:
-    """Hash the validated files of ``staging`` and write its manifest; returns the digest."""
+    """Hash the validated files of ``staging`` and write its manifest; returns the digest.
+
+    When ``files`` is the folder's :class:`~phalanx._databus.Scan`, the sizes and times it
+    found are used, and so are the hashes validation took of the files it read: a small
+    output is then described without reading anything again."""
     entries: dict[str, list[object]] = {}
     root = os.fspath(staging)
+    hashes, mtimes = (files.hashes, files.mtimes) if isinstance(files, Scan) else ({}, {})
     for name in sorted(files):
-        path = f"{root}/{name}"
-        with open(path, "rb", buffering=0) as handle:
-            info = os.fstat(handle.fileno())
-            if info.st_size <= _SMALL:  # most outputs: one read, no 256 KiB buffer to allocate
-                sha = hashlib.sha256(handle.read()).hexdigest()
-            else:
-                sha = hashlib.file_digest(handle, "sha256").hexdigest()
-        entries[name] = [info.st_size, sha, info.st_mtime_ns]
+        sha = hashes.get(name)
+        if sha is not None:  # read by validation, as the scan found it
+            entries[name] = [files[name], sha, mtimes[name]]
+        else:
+            entries[name] = _describe(f"{root}/{name}")
     digest = _content_digest((name, str(entry[1])) for name, entry in entries.items())
     document = {
         "phalanx_manifest": _VERSION,
@@ -104,9 +126,13 @@ def write_manifest(
         "digest": digest,
         "files": entries,
     }
-    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))  # dump() is slower
-    with open(f"{root}/{MANIFEST}", "w", encoding="utf-8") as handle:
-        handle.write(text)
+    data = _ENCODER.encode(document).encode()
+    fd = os.open(f"{root}/{MANIFEST}", _CREATE, 0o666)  # three system calls, not seven
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    finally:
+        os.close(fd)
     return digest
 
 
@@ -114,8 +140,11 @@ def read_manifest(output: Path) -> Manifest | None:
     """The manifest of a committed output folder, or ``None`` when there is none (never
     committed by phalanx, or the manifest itself was damaged)."""
     try:
-        with open(f"{os.fspath(output)}/{MANIFEST}", encoding="utf-8") as handle:
-            document = json.load(handle)
+        fd = os.open(f"{os.fspath(output)}/{MANIFEST}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            document = json.loads(read_all(fd, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
         files = {
             str(name): (int(size), str(sha), int(mtime))
             for name, (size, sha, mtime) in document["files"].items()
@@ -176,9 +205,13 @@ def verify_output(output: Path, manifest: Manifest) -> str | None:
 # -- fingerprints ------------------------------------------------------------------------------
 
 
+# What json.dumps(value, sort_keys=True, ensure_ascii=False, default=str) writes, without
+# building an encoder per call. Fingerprints depend on it: changing it reruns everything.
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str)
+
+
 def _hash_json(value: object) -> str:
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(value).encode()).hexdigest()
 
 
 def _file_state(path: Path) -> object:

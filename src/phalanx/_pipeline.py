@@ -24,11 +24,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from ._blueprint import Blueprint, load_blueprint
 from ._config import (
     Backoff,
+    Budget,
     Defaults,
     ExpectSpec,
     GroupBy,
+    Guard,
     PipelineConfig,
     RunnerConfig,
+    Speculate,
     StageConfig,
 )
 from ._databus import expected_name
@@ -227,6 +230,9 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "defaults": Defaults,
     "partitions": PartitionSource,
     "backoff": Backoff,
+    "budget": Budget,
+    "guard": Guard,
+    "speculate": Speculate,
     "group_by": GroupBy,
     "expect": ExpectSpec,
 }
@@ -246,6 +252,35 @@ def _unknown_field_message(name: str, parent: tuple[str | int, ...]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Planning
+
+_API_RUNNERS = frozenset({"anthropic", "openai"})
+"""Runners whose calls go through a lane and can adapt their concurrency to the provider."""
+_GUARDED_RUNNERS = frozenset({"command", "claude-code"})
+"""Runners that start local processes, admitted under the local resource guard."""
+_DEFAULT_CONCURRENCY = 16
+
+
+_RELATIVE_FALLBACK_S = 600.0
+
+
+def _timeout(own: float | str | None, default: float | str) -> tuple[float, float | None]:
+    """A stage's timeout as (seconds, factor of the median or ``None``). A relative timeout
+    falls back on the default's seconds (or 600 s) until enough attempts have succeeded."""
+    chosen = default if own is None else own
+    fallback = default if isinstance(default, float) else _RELATIVE_FALLBACK_S
+    if isinstance(chosen, str):
+        return fallback, float(chosen.rstrip("% ")) / 100
+    return chosen, None
+
+
+def _guard(stage: StageConfig, runner: RunnerConfig, defaults: Defaults) -> Guard | None:
+    """The resource guard of a stage whose agents are local processes, unless turned off."""
+    if runner.type not in _GUARDED_RUNNERS:
+        return None
+    chosen = defaults.guard if stage.guard is None else stage.guard
+    if chosen is False:
+        return None
+    return Guard() if chosen is True else chosen
 
 
 @dataclass(frozen=True)
@@ -284,6 +319,17 @@ class StagePlan:
     instances: tuple[InstancePlan, ...]
     needs: tuple[str, ...]
     group_field: str | None = None
+    auto: bool = False
+    """``concurrency: auto``: ``concurrency`` is then the ceiling, and the lane's adaptive
+    limit decides."""
+    waves: int | None = None
+    priority: float = 0.0
+    priority_barrier: bool = False
+    budget: Budget | None = None
+    guard: Guard | None = None
+    timeout_factor: float | None = None
+    """``timeout: 300%``: 3.0; ``timeout`` is then the limit until the median is known."""
+    speculate: Speculate | None = None
 
     @property
     def required(self) -> int:
@@ -486,6 +532,13 @@ class _Planner:
             self._instance(i, stage, blueprint, prompt_mode, output, expect, n, *seed)
             for n, seed in enumerate(seeds)
         )
+        absolute, factor = _timeout(stage.timeout, defaults.timeout)
+        ceiling = self.config.concurrency
+        concurrency = stage.concurrency or defaults.concurrency
+        if concurrency is None:
+            concurrency = "auto" if runner.type in _API_RUNNERS else _DEFAULT_CONCURRENCY
+        elif concurrency == "auto" and runner.type not in _API_RUNNERS | _GUARDED_RUNNERS:
+            concurrency = _DEFAULT_CONCURRENCY  # nothing to adapt to: a python agent
         return StagePlan(
             name=stage.name,
             kind=kind,
@@ -493,9 +546,17 @@ class _Planner:
             blueprint=blueprint,
             runner=runner,
             prompt_mode=prompt_mode,
-            concurrency=stage.concurrency or defaults.concurrency,
+            concurrency=ceiling if concurrency == "auto" else concurrency,
+            auto=concurrency == "auto",
+            waves=stage.waves,
+            priority=stage.priority,
+            priority_barrier=stage.priority_barrier,
+            budget=stage.budget,
+            guard=_guard(stage, runner, defaults),
             retries=defaults.retries if stage.retries is None else stage.retries,
-            timeout=stage.timeout or defaults.timeout,
+            timeout=absolute,
+            timeout_factor=factor,
+            speculate=stage.speculate,
             on_failure=stage.on_failure or defaults.on_failure,
             min_success=defaults.min_success if stage.min_success is None else stage.min_success,
             backoff=stage.backoff or defaults.backoff,

@@ -24,6 +24,8 @@ class AttemptRecord:
     cause: str | None = None
     message: str = ""
     usage: Usage | None = None
+    backup: bool = False
+    """A speculative backup of a straggling attempt (``speculate:``)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,44 @@ class InstanceResult:
 
 
 @dataclass(frozen=True)
+class Streaming:
+    """How a streaming fan-in stage overlapped the stages it reads: its first instance
+    started ``early_s`` seconds before the last of them passed its barrier, ``started_early``
+    instances started before that barrier, and ``saved_s`` estimates the time saved against
+    strict layers (its instances' own durations replayed from that barrier on its slots)."""
+
+    early_s: float
+    started_early: int
+    saved_s: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "early_s": round(self.early_s, 6),
+            "started_early": self.started_early,
+            "saved_s": round(self.saved_s, 6),
+        }
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Backup attempts of stragglers: how many started, how many committed first, and what
+    they cost (the time they held slots and the dollars their model calls cost)."""
+
+    backups: int
+    won: int
+    extra_s: float
+    extra_cost_usd: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "backups": self.backups,
+            "won": self.won,
+            "extra_s": round(self.extra_s, 6),
+            "extra_cost_usd": round(self.extra_cost_usd, 6),
+        }
+
+
+@dataclass(frozen=True)
 class StageResult:
     """A stage after its barrier. ``committed + cached + failed + skipped == total`` always."""
 
@@ -75,6 +115,8 @@ class StageResult:
     required: int
     wall_s: float
     skipped_reason: str | None = None
+    streaming: Streaming | None = None
+    speculation: Speculation | None = None
 
     @property
     def total(self) -> int:
@@ -141,6 +183,8 @@ class StageResult:
             "sum_instance_s": round(self.sum_instance_s, 6),
             "skipped_reason": self.skipped_reason,
             "usage": self.usage.to_json(),
+            "streaming": None if self.streaming is None else self.streaming.to_json(),
+            "speculation": None if self.speculation is None else self.speculation.to_json(),
             "failures": [inst.to_json() for inst in self.instances if inst.status == "failed"],
         }
 

@@ -22,41 +22,59 @@ holds the project's lock throughout and records everything in the ledger.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import functools
+import heapq
 import json
+import math
 import os
 import random
 import secrets
+import threading
 import time
 import traceback
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
-from ._config import Backoff
+from ._admission import Control, ResourceGuard, Spending
+from ._config import Backoff, Budget
 from ._databus import DataBus, OutputRules, Snapshot, changed_inputs, load_schema, scan, snapshot
 from ._errors import ConfinementError, InstanceError, RunnerError, RunnerTimeout
 from ._events import (
     AttemptEnded,
     AttemptStarted,
+    BudgetReached,
     Event,
     EventHandler,
     InstanceEnded,
+    LanePaused,
+    LimitChanged,
     RunEnded,
     RunStarted,
     StageEnded,
     StageStarted,
 )
+from ._lanes import Lane, LaneChange, Slots
 from ._ledger import AttemptOutcome, Ledger, LedgerError, OutcomeRow, RunStatus, open_ledger
 from ._lock import ProjectLock
 from ._manifest import fingerprint, read_manifest, stage_digest, verify_output, write_manifest
 from ._notes import Notes
 from ._pipeline import STATE_DIR, InstancePlan, Plan, StagePlan
-from ._results import AttemptRecord, InstanceResult, RunResult, StageResult, Status
+from ._results import (
+    AttemptRecord,
+    InstanceResult,
+    RunResult,
+    Speculation,
+    StageResult,
+    Status,
+    Streaming,
+)
 from .runners import InputRef, InstanceContext, Runner, create_runner
 from .runners._llm import Clients
 
@@ -129,11 +147,61 @@ class _StageState:
     runner: Runner
     rules: OutputRules
     limit: int
-    slots: asyncio.Semaphore
+    slots: Slots
+    spending: Spending
+    lane: Lane | None = None
     outcomes: dict[str, InstanceResult] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     abort_reason: str | None = None
+    budget_reason: str | None = None
+    upstream_reason: str | None = None  # streaming: an upstream stage can no longer pass
     force: bool = False
+    # What every verdict of the stage shares, worked out by the first batch of verdicts.
+    basis: tuple[str, Mapping[str, OutcomeRow], Mapping[str, int]] | None = None
+    started_at: list[float] = field(default_factory=list)  # first attempts' start times
+    # Stragglers: successful durations (sorted), the attempts running now, and backups.
+    durations: list[float] = field(default_factory=list)
+    running: set[_Running] = field(default_factory=set)
+    backups: int = 0
+    backups_won: int = 0
+    backup_s: float = 0.0
+    backup_usd: float = 0.0
+
+
+_SUPERSEDED = "superseded: another attempt of the instance committed first"
+_RELATIVE_MIN_SAMPLES = 5
+"""Successful attempts a stage needs before ``timeout: 300%`` replaces its seconds."""
+
+
+@dataclass(eq=False)
+class _Live:
+    """One instance while it runs: the number its next attempt takes, its attempts so far,
+    and, when a speculative backup runs beside it, both tasks and which one committed."""
+
+    inst: InstancePlan
+    verdict: _Verdict
+    next: int
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    primary: asyncio.Task[None] | None = None
+    backup: asyncio.Task[None] | None = None
+    claim: threading.Lock = field(default_factory=threading.Lock)
+    won: bool = False
+
+
+@dataclass(eq=False)
+class _Running:
+    """An attempt in flight: when it started and the timeout scope it runs under."""
+
+    live: _Live
+    attempt: int
+    started: float
+    scope: asyncio.Timeout
+    backup: bool
+    relative: float | None = None  # the relative limit applied to it, in seconds
+
+
+class _Superseded(Exception):
+    """Raised in the losing attempt's commit when its twin committed first."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +234,9 @@ async def run_plan(
     resume: bool = False,
     ledger: bool = True,
     options: Mapping[str, object] | None = None,
+    budget: Budget | None = None,
+    guard: ResourceGuard | None = None,
+    control_interval: float = 0.5,
 ) -> RunResult:
     """Run the selected stages of ``plan``; see the module docstring.
 
@@ -176,9 +247,11 @@ async def run_plan(
     before with the same fingerprint. ``resume`` continues the run ``run_id`` (its in-flight
     attempts are discarded, its committed instances kept). ``ledger`` false keeps no ledger
     (benchmarks compare the two); ``options`` is recorded with the run so that ``phalanx
-    resume`` can plan it again. Returns when every selected stage has passed its barrier or
-    been skipped. Raises :class:`~phalanx.ProjectBusyError` when another run holds the
-    project.
+    resume`` can plan it again. ``budget`` replaces the pipeline's run budget; ``guard`` is
+    the resource guard of process agents (tests give one with a fake probe);
+    ``control_interval`` is how often the run looks for ``phalanx tune`` changes. Returns when
+    every selected stage has passed its barrier or been skipped. Raises
+    :class:`~phalanx.ProjectBusyError` when another run holds the project.
     """
     run = _Run(
         plan,
@@ -193,6 +266,9 @@ async def run_plan(
         resume=resume,
         record=ledger,
         options=options or {},
+        budget=budget,
+        guard=guard,
+        control_interval=control_interval,
     )
     if handle is not None:
         handle._run = run
@@ -221,6 +297,9 @@ class _Run:
         resume: bool = False,
         record: bool = True,
         options: Mapping[str, object] | None = None,
+        budget: Budget | None = None,
+        guard: ResourceGuard | None = None,
+        control_interval: float = 0.5,
     ) -> None:
         self.plan = plan
         self.force = force
@@ -250,7 +329,12 @@ class _Run:
             pipeline=config.name,
         )
         cap = max(config.concurrency, concurrency or 0)
-        self.global_slots = asyncio.Semaphore(cap)
+        self.global_slots = Slots(cap)
+        self.lanes: dict[object, Lane] = {}
+        self.guard = guard or ResourceGuard()
+        self.spending = Spending(budget or config.budget, "run")
+        self.control = Control(self.state_dir / "runs" / run_id)
+        self.control_interval = control_interval
         # Validation, commits and input snapshots: a pool of our own, so a slow check command
         # in one stage does not queue behind asyncio's few default threads.
         self.pool = ThreadPoolExecutor(min(64, cap), thread_name_prefix="phalanx-io")
@@ -259,6 +343,13 @@ class _Run:
         self.halted: str | None = None
         self.results: dict[str, StageResult] = {}
         self.finished: dict[str, asyncio.Event] = {}
+        # Streaming fan-in: which instances of each stage have ended, how many of them failed
+        # or were skipped, who listens for the next (a key, or None when the stage is done),
+        # and when each stage passed its barrier.
+        self.ended_keys: dict[str, set[str]] = {}
+        self.lost: Counter[str] = Counter()
+        self.listeners: dict[str, list[Callable[[str | None], None]]] = {}
+        self.barrier_at: dict[str, float] = {}
         self.active: set[_StageState] = set()
         self.summaries: list[Path] = []
         self.clients = Clients()
@@ -307,7 +398,35 @@ class _Run:
         )
         limit = self.override or stage.concurrency
         force = self.force or stage.name in self.force_stages
-        return _StageState(stage, runner, rules, limit, asyncio.Semaphore(limit), force=force)
+        lane = None
+        if runner.lane is not None:
+            lane = self.lanes.get(runner.lane)
+            if lane is None:
+                lane = Lane(
+                    _lane_name(runner.lane),
+                    auto=stage.auto and self.override is None,
+                    ceiling=limit,
+                    on_change=self._lane_changed,
+                )
+                self.lanes[runner.lane] = lane
+            elif limit > lane.ceiling:
+                lane.set_ceiling(limit)
+        return _StageState(
+            stage,
+            runner,
+            rules,
+            limit,
+            Slots(limit),
+            Spending(stage.budget, f"stage {stage.name!r}"),
+            lane,
+            force=force,
+        )
+
+    def _lane_changed(self, change: LaneChange) -> None:
+        if change.reason == "pause":
+            self.emit(LanePaused(change.lane, change.paused_for or 0.0))
+        else:
+            self.emit(LimitChanged(None, change.lane, change.old, change.new, change.reason))
 
     async def execute(self) -> RunResult:
         selected = [s for s in self.plan.stages if s.name in self.plan.selected]
@@ -386,8 +505,15 @@ class _Run:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                for name, state in states.items():
+                tasks = [
                     group.create_task(self._stage(state), name=f"stage:{name}")
+                    for name, state in states.items()
+                ]
+                watcher = group.create_task(self._watch_control(states), name="control")
+                try:
+                    await asyncio.wait(tasks)
+                finally:
+                    watcher.cancel()
         finally:
             await self._io(self.bus.close)
             self.pool.shutdown(wait=False)  # every task above awaited its own work
@@ -429,12 +555,16 @@ class _Run:
     async def _stage(self, state: _StageState) -> None:
         stage = state.plan
         try:
-            blocked = await self._wait_for_needs(stage)
-            if blocked is not None:
-                result = self._skipped_stage(stage, blocked)
+            if self._streams(stage):
+                result = await self._run_stage(state, streaming=True)
             else:
-                result = await self._run_stage(state)
+                blocked = await self._wait_for_needs(stage)
+                if blocked is not None:
+                    result = self._skipped_stage(stage, blocked)
+                else:
+                    result = await self._run_stage(state)
             self.results[stage.name] = result
+            self.barrier_at[stage.name] = time.monotonic()
             if self.ledger is not None:
                 self.ledger.stage_ended(
                     self.run_id,
@@ -447,6 +577,43 @@ class _Run:
             self.emit(StageEnded(result))
         finally:
             self.finished[stage.name].set()
+            for listener in list(self.listeners.get(stage.name, ())):
+                listener(None)
+
+    def _streams(self, stage: StagePlan) -> bool:
+        """Whether a stage streams: a group or follow stage whose instances can start as their
+        own inputs end, unless it asks for strict layers or runs in waves or levels."""
+        return (
+            stage.kind in ("group", "follow")
+            and stage.config.barrier == "stream"
+            and stage.waves is None
+            and not stage.priority_barrier
+            and any(need in self.finished for need in stage.needs)
+        )
+
+    def _upstream_blocked(self, needs: Sequence[str]) -> str | None:
+        """Why a streaming stage may start nothing more: a stage it reads did not run, missed
+        its threshold, or has already lost more instances than its threshold allows."""
+        for need in needs:
+            upstream = self.results.get(need)
+            if upstream is not None:
+                if upstream.skipped_reason is not None:
+                    return f"upstream stage {need!r} did not run"
+                if not upstream.met_threshold:
+                    return (
+                        f"upstream stage {need!r} missed its threshold "
+                        f"({upstream.done}/{upstream.total} committed, "
+                        f"{upstream.required} required)"
+                    )
+                continue
+            planned = self.plan.stage(need)
+            if self.lost[need] > len(planned.instances) - planned.required:
+                return (
+                    f"upstream stage {need!r} missed its threshold ({self.lost[need]} failed "
+                    f"or skipped so far, {planned.required} of {len(planned.instances)} "
+                    "required)"
+                )
+        return None
 
     async def _wait_for_needs(self, stage: StagePlan) -> str | None:
         for need in stage.needs:
@@ -475,7 +642,7 @@ class _Run:
         )
         return StageResult(stage.name, instances, stage.required, 0.0, skipped_reason=reason)
 
-    async def _run_stage(self, state: _StageState) -> StageResult:
+    async def _run_stage(self, state: _StageState, *, streaming: bool = False) -> StageResult:
         stage = state.plan
         self.emit(StageStarted(stage.name, len(stage.instances), state.limit))
         if self.ledger is not None:
@@ -487,41 +654,82 @@ class _Run:
                 started=time.time(),
             )
         started = time.monotonic()
-        available = {inst.key: self._available(inst) for inst in stage.instances}
-        verdicts = await self._io(self._verdicts, state, available)
-        order = []
-        for inst in sorted(stage.instances, key=lambda inst: (-inst.priority, inst.index)):
-            verdict = verdicts[inst.key]
-            if verdict.outcome is None:
-                order.append((inst, verdict))
-            else:
-                if verdict.digest is not None:
-                    self.digests[stage.name][inst.key] = verdict.digest
-                state.outcomes[inst.key] = self._ended(verdict.outcome)
         self.active.add(state)
         try:
             async with asyncio.TaskGroup() as group:
-                self._track(state, group.create_task(self._feed(state, order, group)))
+                feeder = self._stream(state, group) if streaming else self._feed_all(state, group)
+                self._track(state, group.create_task(feeder))
+                if stage.speculate is not None:
+                    group.create_task(self._speculate(state, group))
         finally:
             self.active.discard(state)
+        message = ""
+        if streaming and not state.outcomes and (self.stopping or state.upstream_reason):
+            # nothing of it ran: the same result as if it had waited for the barrier
+            return self._skipped_stage(
+                stage, "cancelled" if self.stopping else state.upstream_reason or ""
+            )
         if self.halted:
             reason = "run stopped by a fatal error"
         elif self.stopping:
             reason = "cancelled"
+        elif state.budget_reason is not None:
+            reason, message = "budget", state.budget_reason
+        elif state.upstream_reason is not None:
+            reason, message = "upstream failed", state.upstream_reason
         else:
             reason = state.abort_reason or "cancelled"
         instances = tuple(
             state.outcomes.get(inst.key)
             or self._ended(
-                InstanceResult(stage.name, inst.key, "skipped", inst.output, reason=reason)
+                InstanceResult(
+                    stage.name, inst.key, "skipped", inst.output, reason=reason, message=message
+                )
             )
             for inst in stage.instances
         )
-        return StageResult(stage.name, instances, stage.required, time.monotonic() - started)
+        flow = self._streaming(state, instances) if streaming else None
+        spec = None
+        if stage.speculate is not None:
+            spec = Speculation(state.backups, state.backups_won, state.backup_s, state.backup_usd)
+        return StageResult(
+            stage.name,
+            instances,
+            stage.required,
+            time.monotonic() - started,
+            streaming=flow,
+            speculation=spec,
+        )
+
+    def _streaming(
+        self, state: _StageState, instances: Sequence[InstanceResult]
+    ) -> Streaming | None:
+        """How much a streaming stage overlapped the stages it reads. The saving is estimated
+        by replaying its instances' durations, in admission order, on its slots from the last
+        upstream barrier on: when strict layers would have ended it, against when it did."""
+        barriers = [self.barrier_at[n] for n in state.plan.needs if n in self.barrier_at]
+        if not barriers or not state.started_at:
+            return None
+        barrier, now = max(barriers), time.monotonic()
+        early = [t for t in state.started_at if t < barrier]
+        if not early:
+            return Streaming(0.0, 0, 0.0)
+        slots = [barrier] * max(1, min(state.limit, len(instances)))
+        for inst in sorted(instances, key=lambda r: r.attempts[0].started if r.attempts else 0):
+            if inst.attempts:
+                heapq.heapreplace(slots, slots[0] + inst.duration_s)
+        strict_end = max(slots)
+        return Streaming(barrier - min(early), len(early), max(0.0, strict_end - now))
 
     def _ended(self, result: InstanceResult) -> InstanceResult:
         self._recorded(result)
         self.emit(InstanceEnded(result))
+        if result.stage in self.finished:
+            self.ended_keys.setdefault(result.stage, set()).add(result.key)
+            if result.status in ("failed", "skipped"):
+                self.lost[result.stage] += 1
+            for listener in list(self.listeners.get(result.stage, ())):
+                listener(result.key)
         return result
 
     def _recorded(self, result: InstanceResult) -> InstanceResult:
@@ -547,23 +755,27 @@ class _Run:
     def _verdicts(
         self,
         state: _StageState,
+        batch: Sequence[InstancePlan],
         available: Mapping[str, tuple[tuple[InputRef, ...], tuple[str, ...]]],
     ) -> dict[str, _Verdict]:
-        """Fingerprint every instance of a stage and decide which need to run (in a thread:
-        it reads manifests and hashes files)."""
+        """Fingerprint a batch of a stage's instances and decide which need to run (in a
+        thread: it reads manifests and hashes files)."""
         stage = state.plan
-        shared = stage_digest(stage, state.runner, self.plan.project_dir)
-        failed_before = {}
-        first: Mapping[str, int] = {}
-        if self.ledger is not None:
-            if not self.rerun_failed and not state.force:
-                failed_before = self.ledger.outcomes(
-                    self.plan.pipeline.config.name, stage.name, status="failed"
-                )
-            if self.resume:
-                first = self.ledger.last_attempts(self.run_id, stage.name)
+        if state.basis is None:
+            shared = stage_digest(stage, state.runner, self.plan.project_dir)
+            failed: Mapping[str, OutcomeRow] = {}
+            last: Mapping[str, int] = {}
+            if self.ledger is not None:
+                if not self.rerun_failed and not state.force:
+                    failed = self.ledger.outcomes(
+                        self.plan.pipeline.config.name, stage.name, status="failed"
+                    )
+                if self.resume:
+                    last = self.ledger.last_attempts(self.run_id, stage.name)
+            state.basis = (shared, failed, last)
+        shared, failed_before, first = state.basis
         verdicts = {}
-        for inst in stage.instances:
+        for inst in batch:
             inputs, missing = available[inst.key]
             print_ = fingerprint(
                 shared,
@@ -646,18 +858,159 @@ class _Run:
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
 
-    async def _slot(self, state: _StageState) -> None:
-        """Take a slot of the stage and one of the run, in that order, or neither."""
-        await state.slots.acquire()
+    async def _slot(self, state: _StageState, inst: InstancePlan, *, first: bool = False) -> None:
+        """Take, in this order, a slot of the stage, the resource guard's leave (process
+        agents), a slot of the lane (API agents) and one of the run, or none of them. The
+        stage's own order is the feeder's; the lane and the run serve higher-priority stages,
+        then higher-priority partitions, first; ``first`` (a speculative backup: the stage's
+        tail) goes before them all."""
+        await state.slots.acquire((math.inf,) if first else (inst.priority,))
         try:
-            await self.global_slots.acquire()
+            guard = state.plan.guard
+            if guard is not None:
+                await self.guard.admit(guard)
+            try:
+                rank = (math.inf, math.inf) if first else (state.plan.priority, inst.priority)
+                lane = state.lane
+                if lane is not None:
+                    await lane.acquire(rank)
+                try:
+                    await self.global_slots.acquire(rank)
+                except BaseException:
+                    if lane is not None:
+                        lane.release()
+                    raise
+            except BaseException:
+                if guard is not None:
+                    self.guard.release()
+                raise
         except BaseException:
             state.slots.release()
             raise
 
     def _free(self, state: _StageState) -> None:
         self.global_slots.release()
+        if state.lane is not None:
+            state.lane.release()
+        if state.plan.guard is not None:
+            self.guard.release()
         state.slots.release()
+
+    def _out_of_budget(self, state: _StageState) -> str | None:
+        """Why no new attempt of this stage may start, if a budget is spent (announced once
+        per stage)."""
+        if state.budget_reason is None:
+            reason = self.spending.reached() or state.spending.reached()
+            if reason is None:
+                return None
+            state.budget_reason = reason
+            self.emit(BudgetReached(state.plan.name, reason))
+        return state.budget_reason
+
+    def _spent(self, state: _StageState, ctx: InstanceContext) -> None:
+        if ctx.usage:
+            self.spending.add(ctx.usage)
+            state.spending.add(ctx.usage)
+
+    async def _watch_control(self, states: Mapping[str, _StageState]) -> None:
+        """Apply ``phalanx tune`` changes while the run lasts."""
+        while True:
+            await asyncio.sleep(self.control_interval)
+            for change in self.control.poll():
+                if change.stage is None:
+                    targets = list(states.values())
+                    self.global_slots.limit = max(self.global_slots.limit, change.concurrency)
+                else:
+                    targets = [states[change.stage]] if change.stage in states else []
+                for state in targets:
+                    old = state.slots.limit
+                    state.slots.limit = change.concurrency
+                    state.limit = change.concurrency
+                    if state.lane is not None:
+                        state.lane.set_ceiling(change.concurrency)
+                    self.emit(LimitChanged(state.plan.name, None, old, change.concurrency, "tune"))
+
+    def _settled(self, state: _StageState, inst: InstancePlan, verdict: _Verdict) -> None:
+        """Record an instance that need not run (cached, committed earlier, failed before)."""
+        assert verdict.outcome is not None  # noqa: S101 - the callers checked
+        if verdict.digest is not None:
+            self.digests[state.plan.name][inst.key] = verdict.digest
+        state.outcomes[inst.key] = self._ended(verdict.outcome)
+
+    async def _feed_all(self, state: _StageState, group: asyncio.TaskGroup) -> None:
+        """A stage behind its barrier: every instance's verdict at once, then the feeder."""
+        stage = state.plan
+        available = {inst.key: self._available(inst) for inst in stage.instances}
+        verdicts = await self._io(self._verdicts, state, stage.instances, available)
+        order = []
+        for inst in sorted(stage.instances, key=lambda inst: (-inst.priority, inst.index)):
+            verdict = verdicts[inst.key]
+            if verdict.outcome is None:
+                order.append((inst, verdict))
+            else:
+                self._settled(state, inst, verdict)
+        await self._feed(state, order, group)
+
+    async def _stream(self, state: _StageState, group: asyncio.TaskGroup) -> None:
+        """Streaming fan-in: start each instance as soon as every upstream instance it reads
+        has ended (committed, or failed or skipped for good), in priority order among those
+        ready, and never one whose input is still pending. Stops starting new ones once an
+        upstream stage can no longer pass its threshold."""
+        stage = state.plan
+        upstream = [need for need in stage.needs if need in self.finished]
+        waiting: dict[tuple[str, str], list[InstancePlan]] = {}
+        pending: dict[str, int] = {}
+        ready: list[tuple[float, int, InstancePlan]] = []
+        wake = asyncio.Event()
+        for inst in stage.instances:
+            count = 0
+            for ref in inst.inputs:
+                if ref.stage in upstream and ref.key not in self.ended_keys.get(ref.stage, ()):
+                    waiting.setdefault((ref.stage, ref.key), []).append(inst)
+                    count += 1
+            if count:
+                pending[inst.key] = count
+            else:
+                heapq.heappush(ready, (-inst.priority, inst.index, inst))
+
+        def listener(name: str) -> Callable[[str | None], None]:
+            def heard(key: str | None) -> None:
+                if key is not None:
+                    for inst in waiting.pop((name, key), ()):
+                        pending[inst.key] -= 1
+                        if pending[inst.key] == 0:
+                            del pending[inst.key]
+                            heapq.heappush(ready, (-inst.priority, inst.index, inst))
+                wake.set()
+
+            return heard
+
+        heard = {name: listener(name) for name in upstream}
+        for name, callback in heard.items():
+            self.listeners.setdefault(name, []).append(callback)
+        try:
+            while ready or pending:
+                blocked = self._upstream_blocked(upstream)
+                if blocked is not None:
+                    state.upstream_reason = blocked
+                    return
+                if not ready:
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                batch = [heapq.heappop(ready)[2] for _ in range(len(ready))]
+                available = {inst.key: self._available(inst) for inst in batch}
+                verdicts = await self._io(self._verdicts, state, batch, available)
+                for inst in batch:
+                    verdict = verdicts[inst.key]
+                    if verdict.outcome is not None:
+                        self._settled(state, inst, verdict)
+                        continue
+                    if await self._start(state, inst, verdict, group, upstream) is None:
+                        return
+        finally:
+            for upstream_name, callback in heard.items():
+                self.listeners[upstream_name].remove(callback)
 
     async def _feed(
         self,
@@ -671,27 +1024,48 @@ class _Run:
         park 10,000 tasks on a semaphore; instances never started (stop, abort) have no task
         and are recorded as skipped.
         """
-        name = state.plan.name
-        for inst, verdict in order:
-            await self._slot(state)
-            if self.stopping or state.abort_reason:
-                self._free(state)
-                return
-            self._track(
-                state,
-                group.create_task(
-                    self._instance(state, inst, verdict), name=f"instance:{name}/{inst.key}"
-                ),
-            )
+        segments = _segments(state.plan, order)
+        for number, segment in enumerate(segments, 1):
+            started: list[asyncio.Task[None]] = []
+            for inst, verdict in segment:
+                task = await self._start(state, inst, verdict, group)
+                if task is None:
+                    return
+                if len(segments) > 1:
+                    started.append(task)
+            if number < len(segments) and started:
+                await asyncio.wait(started)  # a wave (or a priority level) ends before the next
+
+    async def _start(
+        self,
+        state: _StageState,
+        inst: InstancePlan,
+        verdict: _Verdict,
+        group: asyncio.TaskGroup,
+        upstream: Sequence[str] = (),
+    ) -> asyncio.Task[None] | None:
+        """Start an instance once it holds its slots; ``None`` when nothing more may start
+        (the run stops, the stage aborts, a budget is spent, an upstream stage failed)."""
+        await self._slot(state, inst)
+        blocked = self._upstream_blocked(upstream) if upstream else None
+        if self.stopping or state.abort_reason or self._out_of_budget(state) or blocked:
+            state.upstream_reason = state.upstream_reason or blocked
+            self._free(state)
+            return None
+        task = group.create_task(
+            self._instance(state, inst, verdict), name=f"instance:{state.plan.name}/{inst.key}"
+        )
+        self._track(state, task)
+        return task
 
     async def _instance(self, state: _StageState, inst: InstancePlan, verdict: _Verdict) -> None:
         """One instance, from its first attempt (started holding its slot, see :meth:`_feed`)
         to its outcome. The slot is given back during a retry's backoff."""
         stage = state.plan
         held = True
+        live = _Live(inst, verdict, verdict.first, primary=asyncio.current_task())
         try:
-            inputs, missing = verdict.inputs, verdict.missing
-            if inst.inputs and not inputs:
+            if inst.inputs and not verdict.inputs:
                 state.outcomes[inst.key] = self._ended(
                     InstanceResult(
                         stage.name,
@@ -699,7 +1073,7 @@ class _Run:
                         "skipped",
                         inst.output,
                         reason="upstream failed",
-                        message=f"none of its inputs committed: {', '.join(missing[:5])}",
+                        message=f"none of its inputs committed: {', '.join(verdict.missing[:5])}",
                         fingerprint=verdict.fingerprint,
                     )
                 )
@@ -709,56 +1083,176 @@ class _Run:
                     self.notes.stale, stage=stage.name, key=inst.key, problem=verdict.stale
                 )
                 await self._io(stale)
-            attempts: list[AttemptRecord] = []
+            state.started_at.append(time.monotonic())
             total = stage.retries + 1
-            for attempt in range(verdict.first, verdict.first + total):
+            for tries in range(1, total + 1):
                 if not held:
-                    await self._slot(state)
+                    await self._slot(state, inst)
                     held = True
-                if self.stopping or state.abort_reason:
+                if self.stopping or state.abort_reason or inst.key in state.outcomes:
                     return
-                error = await self._attempt(
-                    state, inst, attempt, verdict, inputs, missing, attempts, _feedback(attempts)
-                )
+                if live.attempts and (budget := self._out_of_budget(state)) is not None:
+                    state.outcomes[inst.key] = self._ended(
+                        InstanceResult(
+                            stage.name,
+                            inst.key,
+                            "skipped",
+                            inst.output,
+                            tuple(live.attempts),
+                            reason="budget",
+                            message=f"not retried: {budget}",
+                            fingerprint=verdict.fingerprint,
+                        )
+                    )
+                    return
+                attempt = live.next
+                live.next += 1
+                error = await self._attempt(state, live, attempt)
                 self._free(state)
                 held = False
                 if error is None:
                     return
-                delay = self._failed_attempt(state, inst, attempt, verdict, error, attempts)
+                final = (
+                    tries == total
+                    or not error.retryable
+                    or self.stopping
+                    or state.abort_reason is not None
+                )
+                delay = self._failed_attempt(
+                    state, inst, attempt, attempt + total - tries, error, live.attempts, final
+                )
                 if delay is None:
+                    if live.backup is not None and not live.backup.done():
+                        await asyncio.wait({live.backup})  # the backup may still commit
+                    if inst.key not in state.outcomes:
+                        self._gave_up(state, live, error)
                     return
                 await asyncio.sleep(delay)
         finally:
             if held:
                 self._free(state)
 
+    async def _backup(self, state: _StageState, live: _Live) -> None:
+        """A speculative backup attempt of a straggling instance: it runs beside the original
+        one, and the first of the two to commit a valid output wins (see :meth:`_speculate`)."""
+        held = False
+        inst = live.inst
+        try:
+            await self._slot(state, inst, first=True)
+            held = True
+            if (
+                self.stopping
+                or state.abort_reason
+                or inst.key in state.outcomes
+                or self._out_of_budget(state)
+            ):
+                return
+            attempt = live.next
+            live.next += 1
+            error = await self._attempt(state, live, attempt, backup=True)
+            if error is not None:
+                self.notes.failure(
+                    stage=state.plan.name,
+                    key=inst.key,
+                    attempt=attempt,
+                    attempts=attempt,
+                    cause=error.cause,
+                    message=str(error),
+                    detail=error.detail,
+                    action="a speculative backup failed; the first attempt goes on",
+                    logs=self._log_folder(state.plan.name, inst.key, attempt),
+                )
+                self.emit(
+                    AttemptEnded(
+                        state.plan.name,
+                        inst.key,
+                        attempt,
+                        live.attempts[-1].duration_s,
+                        error.cause,
+                        str(error),
+                        None,
+                    )
+                )
+        finally:
+            if held:
+                self._free(state)
+
+    async def _speculate(self, state: _StageState, group: asyncio.TaskGroup) -> None:
+        """Watch the stage's running attempts and start a backup of each one that runs past
+        the ``speculate.after`` percentile of the stage's successful durations, up to
+        ``max_extra`` of its instances. Ends when the stage has nothing left running."""
+        spec = state.plan.speculate
+        if spec is None:
+            return
+        cap = max(1, math.floor(spec.share * len(state.plan.instances) + 1e-9))
+        tick = 0.05
+        while state.tasks:
+            await asyncio.sleep(tick)
+            durations = state.durations
+            if len(durations) < spec.min_samples or state.backups >= cap:
+                continue
+            threshold = durations[
+                min(len(durations) - 1, int(spec.percentile / 100 * len(durations)))
+            ]
+            tick = min(0.25, max(0.005, threshold / 10))
+            now = time.monotonic()
+            for running in sorted(state.running, key=lambda r: r.started):
+                live = running.live
+                if running.backup or live.backup is not None or live.inst.key in state.outcomes:
+                    continue
+                if now - running.started <= threshold or state.backups >= cap:
+                    break  # the rest started later still
+                state.backups += 1
+                live.backup = group.create_task(
+                    self._backup(state, live), name=f"backup:{state.plan.name}/{live.inst.key}"
+                )
+                self._track(state, live.backup)
+
+    def _succeeded(self, state: _StageState, duration: float) -> None:
+        """Keep the stage's successful durations for relative timeouts and speculation, and
+        tighten the running attempts' deadlines as the median moves."""
+        stage = state.plan
+        if stage.timeout_factor is None and stage.speculate is None:
+            return
+        bisect.insort(state.durations, duration)
+        if stage.timeout_factor is not None:
+            for running in state.running:
+                self._tighten(state, running)
+
+    def _tighten(self, state: _StageState, running: _Running) -> None:
+        """Bring an attempt's deadline forward to ``timeout_factor`` times the stage's median
+        successful duration, once enough attempts have succeeded to know it."""
+        factor, durations = state.plan.timeout_factor, state.durations
+        if factor is None or len(durations) < _RELATIVE_MIN_SAMPLES:
+            return
+        limit = factor * durations[len(durations) // 2]
+        deadline = running.started + limit
+        when = running.scope.when()
+        if when is None or deadline < when:
+            running.scope.reschedule(deadline)
+            running.relative = limit
+
     def _failed_attempt(
         self,
         state: _StageState,
         inst: InstancePlan,
         attempt: int,
-        verdict: _Verdict,
+        last: int,
         error: InstanceError,
         attempts: list[AttemptRecord],
+        final: bool,
     ) -> float | None:
-        """Journal a failed attempt; returns the backoff before the next one, or ``None`` when
-        the instance has failed for good (and then records that, aborting if asked)."""
+        """Journal a failed attempt (``last`` is the number its last attempt would take);
+        returns the backoff before the next one, or ``None`` when ``final``."""
         stage = state.plan
-        total = verdict.first + stage.retries  # the number of its last attempt
-        last = (
-            attempt == total
-            or not error.retryable
-            or self.stopping
-            or state.abort_reason is not None
-        )
         delay = None
-        if not last:
+        if not final:
             delay = max(backoff_delay(stage.backoff, attempt, self.rng), error.retry_after or 0.0)
         self.notes.failure(
             stage=stage.name,
             key=inst.key,
             attempt=attempt,
-            attempts=total,
+            attempts=last,
             cause=error.cause,
             message=str(error),
             detail=error.detail,
@@ -776,24 +1270,27 @@ class _Run:
                 delay,
             )
         )
-        if delay is None:
-            state.outcomes[inst.key] = self._ended(
-                InstanceResult(
-                    stage.name,
-                    inst.key,
-                    "failed",
-                    inst.output,
-                    tuple(attempts),
-                    cause=error.cause,
-                    message=str(error),
-                    fingerprint=verdict.fingerprint,
-                )
-            )
-            if error.stops_run:
-                self.halt(f"{stage.name}/{inst.key}: {error}")
-            elif stage.on_failure == "abort" and state.abort_reason is None:
-                self._abort(state, inst.key)
         return delay
+
+    def _gave_up(self, state: _StageState, live: _Live, error: InstanceError) -> None:
+        """Record an instance that failed for good; halt the run or abort the stage if asked."""
+        stage, inst = state.plan, live.inst
+        state.outcomes[inst.key] = self._ended(
+            InstanceResult(
+                stage.name,
+                inst.key,
+                "failed",
+                inst.output,
+                tuple(live.attempts),
+                cause=error.cause,
+                message=str(error),
+                fingerprint=live.verdict.fingerprint,
+            )
+        )
+        if error.stops_run:
+            self.halt(f"{stage.name}/{inst.key}: {error}")
+        elif stage.on_failure == "abort" and state.abort_reason is None:
+            self._abort(state, inst.key)
 
     def _log_dir(self, stage: str, key: str, attempt: int) -> Path:
         return Path(f"{self.logs}/{stage}/{key}/attempt-{attempt}")
@@ -810,51 +1307,47 @@ class _Run:
             if task is not current:
                 task.cancel()
 
-    async def _attempt(
-        self,
-        state: _StageState,
-        inst: InstancePlan,
-        attempt: int,
-        verdict: _Verdict,
-        inputs: tuple[InputRef, ...],
-        missing: tuple[str, ...],
-        attempts: list[AttemptRecord],
-        feedback: str,
+    async def _attempt(  # noqa: PLR0915 - an attempt's whole life, kept readable in one place
+        self, state: _StageState, live: _Live, attempt: int, *, backup: bool = False
     ) -> InstanceError | None:
-        """One attempt: run, validate, commit. Appends its record to ``attempts``; on success
-        records the instance as committed and returns ``None``, else returns the error."""
-        stage = state.plan
+        """One attempt: run, validate, commit. Appends its record to ``live.attempts``; on
+        success records the instance as committed and returns ``None``, else returns the
+        error. ``None`` also when another attempt of the instance committed first."""
+        stage, inst, verdict, attempts = state.plan, live.inst, live.verdict, live.attempts
         staging = self.bus.staging_dir(stage.name, inst.key, attempt)
-        ctx = self._context(state, inst, attempt, staging, inputs, missing, feedback)
+        feedback = "" if backup else _feedback(attempts)
+        ctx = self._context(
+            state, inst, attempt, staging, verdict.inputs, verdict.missing, feedback
+        )
         self.emit(AttemptStarted(stage.name, inst.key, attempt))
         wall = time.time()
         started = time.monotonic()
         self._ledger_attempt(ctx, verdict.fingerprint)
+        here = False  # whether this attempt committed
 
         def ended(outcome: AttemptOutcome, error: InstanceError | None) -> None:
-            self._ledger_attempt(ctx, None, outcome, error, time.monotonic() - started)
+            duration = time.monotonic() - started
+            if backup:
+                state.backup_s += duration
+                state.backup_usd += ctx.usage.cost_usd
+            self._ledger_attempt(ctx, None, outcome, error, duration)
 
         def committed() -> None:
+            nonlocal here
+            here = True
+            self._spent(state, ctx)
             duration = time.monotonic() - started
-            attempts.append(AttemptRecord(attempt, wall, duration, usage=ctx.usage or None))
-            ended("committed", None)
-            self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
-            state.outcomes[inst.key] = self._ended(
-                InstanceResult(
-                    stage.name,
-                    inst.key,
-                    "committed",
-                    inst.output,
-                    tuple(attempts),
-                    fingerprint=verdict.fingerprint,
-                )
+            attempts.append(
+                AttemptRecord(attempt, wall, duration, usage=ctx.usage or None, backup=backup)
             )
+            ended("committed", None)
+            self._committed(state, live, attempt, duration, backup)
 
         error: InstanceError | None = None
         try:
-            await self._run_agent(state, ctx)
+            await self._run_agent(state, ctx, live, backup)
             files = scan(staging)
-            commit = (state, inst, attempt, verdict.fingerprint, staging, files)
+            commit = (state, live, attempt, staging, files)
             if state.rules.cheap(files):
                 self._validate_and_commit(*commit)
                 committed()
@@ -862,36 +1355,83 @@ class _Run:
                 await _to_the_end(self._io(self._validate_and_commit, *commit), committed)
         except InstanceError as exc:
             error = exc
+        except _Superseded:
+            ended("discarded", RunnerError(_SUPERSEDED))
         except asyncio.CancelledError:
-            if inst.key not in state.outcomes:
-                ended("discarded", RunnerError("cancelled while running"))
+            if not here:
+                self._spent(state, ctx)
+                superseded = inst.key in state.outcomes
+                ended("discarded", RunnerError(_SUPERSEDED if superseded else "cancelled"))
             raise
         except Exception as exc:  # a runner's own bug must not take its siblings down
             tail = "".join(traceback.format_exception(exc)[-3:])
             error = RunnerError(f"{type(exc).__name__}: {exc}", detail=tail)
         finally:
-            if inst.key not in state.outcomes:  # not committed: the staging folder is still there
+            if not here:  # not committed: the staging folder is still there
                 self.bus.discard(staging)
         if error is not None:
+            self._spent(state, ctx)
+            usage = ctx.usage or None
             duration = time.monotonic() - started
             attempts.append(
-                AttemptRecord(attempt, wall, duration, error.cause, str(error), ctx.usage or None)
+                AttemptRecord(attempt, wall, duration, error.cause, str(error), usage, backup)
             )
             ended("failed", error)
         return error
 
-    async def _run_agent(self, state: _StageState, ctx: InstanceContext) -> None:
-        """Run the agent under the stage's timeout; fail the attempt if it wrote into the
-        upstream outputs it may only read."""
+    def _committed(
+        self, state: _StageState, live: _Live, attempt: int, duration: float, backup: bool
+    ) -> None:
+        """Record an instance whose attempt ``attempt`` committed; cancel its twin, if any."""
+        stage, inst = state.plan, live.inst
+        self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
+        self._succeeded(state, duration)
+        if backup:
+            state.backups_won += 1
+        state.outcomes[inst.key] = self._ended(
+            InstanceResult(
+                stage.name,
+                inst.key,
+                "committed",
+                inst.output,
+                tuple(live.attempts),
+                fingerprint=live.verdict.fingerprint,
+            )
+        )
+        other = live.primary if backup else live.backup
+        if other is not None and other is not asyncio.current_task():
+            other.cancel()  # the slower twin: its staging folder is removed as it unwinds
+
+    async def _run_agent(
+        self, state: _StageState, ctx: InstanceContext, live: _Live, backup: bool
+    ) -> None:
+        """Run the agent under the stage's timeout (brought forward by a relative timeout,
+        pushed back by waits for the lane); fail the attempt if it wrote into the upstream
+        outputs it may only read."""
         folders = [ref.path for ref in ctx.inputs]
         before = await self._io(snapshot, folders) if folders else None
+        stage = state.plan
+        running: _Running | None = None
         try:
-            async with asyncio.timeout(state.plan.timeout):
+            async with asyncio.timeout(stage.timeout) as scope:
+                running = _Running(live, ctx.attempt, time.monotonic(), scope, backup)
+                self._tighten(state, running)
+                state.running.add(running)
+                if state.lane is not None:
+                    ctx = replace(ctx, gate=state.lane.gate(on_wait=_extend(scope)))
                 await state.runner.run(ctx)
         except TimeoutError:
+            if running is not None and running.relative is not None:
+                raise RunnerTimeout(
+                    f"ran past {stage.timeout_factor or 0:.0%} of the stage's median duration "
+                    f"({running.relative:.3g}s) and was stopped"
+                ) from None
             raise RunnerTimeout(
-                f"ran past the stage's timeout of {state.plan.timeout:g}s and was stopped"
+                f"ran past the stage's timeout of {stage.timeout:g}s and was stopped"
             ) from None
+        finally:
+            if running is not None:
+                state.running.discard(running)
         if before is not None:
             await self._check_inputs_untouched(before, folders)
 
@@ -979,13 +1519,14 @@ class _Run:
     def _validate_and_commit(
         self,
         state: _StageState,
-        inst: InstancePlan,
+        live: _Live,
         attempt: int,
-        print_: str,
         staging: Path,
         files: dict[str, int],
     ) -> None:
-        """Validate, write the manifest into the staging folder, rename it into place."""
+        """Validate, write the manifest into the staging folder, rename it into place. Of two
+        attempts of one instance (a straggler and its backup), only the first renames."""
+        inst = live.inst
         state.rules.validate(staging, inst.values, files)
         digest = write_manifest(
             staging,
@@ -994,10 +1535,55 @@ class _Run:
             key=inst.key,
             run_id=self.run_id,
             attempt=attempt,
-            fingerprint=print_,
+            fingerprint=live.verdict.fingerprint,
         )
-        self.bus.commit(staging, inst.output, stage=inst.stage, key=inst.key)
+        with live.claim:
+            if live.won:
+                raise _Superseded
+            self.bus.commit(staging, inst.output, stage=inst.stage, key=inst.key)
+            live.won = True
         self.digests[inst.stage][inst.key] = digest
+
+
+def _extend(scope: asyncio.Timeout) -> Callable[[float], None]:
+    """Time an attempt spends waiting for its lane (a pause after a 429, an empty bucket) is
+    added to its timeout: the timeout is about the agent, not the provider's queue."""
+
+    def waited(seconds: float) -> None:
+        when = scope.when()
+        if when is not None:
+            scope.reschedule(when + seconds)
+
+    return waited
+
+
+def _lane_name(lane: object) -> str:
+    """A lane as people read it: ``anthropic claude-sonnet-4-5`` (never the credential)."""
+    if isinstance(lane, tuple) and len(lane) >= 3:
+        provider, base_url, model = lane[0], lane[1], lane[2]
+        where = f" @ {base_url}" if base_url else ""
+        return f"{provider} {model}{where}"
+    return str(lane)
+
+
+def _segments(
+    stage: StagePlan, order: list[tuple[InstancePlan, _Verdict]]
+) -> list[list[tuple[InstancePlan, _Verdict]]]:
+    """The parts of a stage's admission order that run one after another: priority levels
+    under ``priority_barrier``, cut into batches of ``waves``. Without either, one part: a
+    sliding window in which a slot refills the moment an instance ends."""
+    parts = [order]
+    if stage.priority_barrier:
+        parts = []
+        for item in order:  # the order is by descending priority already
+            if parts and parts[-1][0][0].priority == item[0].priority:
+                parts[-1].append(item)
+            else:
+                parts.append([item])
+    if stage.waves is not None:
+        size = stage.waves
+        parts = [part[i : i + size] for part in parts for i in range(0, len(part), size)]
+    return [part for part in parts if part]
 
 
 def _logged(event: Event) -> bool:
@@ -1042,6 +1628,13 @@ def _event_row(event: Event) -> _EventRow:
         return kind, None, None, None, {"pipeline": event.pipeline, "stages": list(event.stages)}
     if isinstance(event, RunEnded):
         return kind, None, None, None, {"ok": event.ok, "cancelled": event.cancelled}
+    if isinstance(event, LimitChanged):
+        data = {"lane": event.lane, "old": event.old, "new": event.new, "reason": event.reason}
+        return kind, event.stage, None, None, data
+    if isinstance(event, LanePaused):
+        return kind, None, None, None, {"lane": event.lane, "seconds": event.seconds}
+    if isinstance(event, BudgetReached):
+        return kind, event.stage, None, None, {"reason": event.reason}
     return kind, None, None, None, None
 
 

@@ -21,8 +21,9 @@ from rich.table import Table
 
 from . import _inspect
 from ._api import resume_plan, run_options
+from ._config import Budget
 from ._errors import UsageError
-from ._pipeline import InstancePlan, Plan, load_pipeline, plan_pipeline
+from ._pipeline import InstancePlan, Plan, StagePlan, load_pipeline, plan_pipeline
 from ._results import RunResult
 from ._scaffold import write_starter
 from ._scheduler import RunHandle, check_runners, run_plan
@@ -91,6 +92,24 @@ _set_option = click.option(
 )
 
 
+def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--budget-tokens",
+        type=click.IntRange(min=1),
+        help="Start no new attempt once the run has used this many tokens.",
+    )(command)
+    return click.option(
+        "--budget-usd",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Start no new attempt once the run has spent this many dollars (replaces the "
+        "pipeline's run budget).",
+    )(command)
+
+
+def _limit(stage: StagePlan) -> str:
+    return f"auto (up to {stage.concurrency})" if stage.auto else str(stage.concurrency)
+
+
 @cli.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @_stage_option
@@ -110,6 +129,7 @@ _set_option = click.option(
     is_flag=True,
     help="Retry instances that failed before with the same inputs (skipped by default).",
 )
+@_budget_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
 def run(
@@ -121,6 +141,8 @@ def run(
     force: bool,
     force_stages: tuple[str, ...],
     rerun_failed: bool,
+    budget_usd: float | None,
+    budget_tokens: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -157,6 +179,7 @@ def run(
             force_stages=force_stages,
             rerun_failed=rerun_failed,
             options=options,
+            budget=_budget(budget_usd, budget_tokens),
         )
 
     _finish(_execute(start, quiet), as_json)
@@ -173,6 +196,7 @@ def run(
     "--rerun-failed", is_flag=True, help="Also retry the instances that failed in that run."
 )
 @_set_option
+@_budget_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
 def resume(
@@ -180,13 +204,16 @@ def resume(
     project: str | None,
     rerun_failed: bool,
     settings: tuple[str, ...],
+    budget_usd: float | None,
+    budget_tokens: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Continue an interrupted run (the newest by default; a prefix of its id works).
 
     Committed instances are kept, in-flight attempts are discarded and run again, failed
-    instances are retried only with --rerun-failed.
+    instances are retried only with --rerun-failed. Instances skipped because a budget was
+    spent run now, under the pipeline's budget or the one given here, counted afresh.
     """
     try:
         row, plan = resume_plan(project or ".", run_id, settings=_settings(settings))
@@ -219,9 +246,14 @@ def resume(
             on_event=progress,
             handle=handle,
             options=row.options,
+            budget=_budget(budget_usd, budget_tokens),
         )
 
     _finish(_execute(start, quiet), as_json)
+
+
+def _budget(usd: float | None, tokens: int | None) -> Budget | None:
+    return None if usd is None and tokens is None else Budget(usd=usd, tokens=tokens)
 
 
 def _execute(
@@ -342,7 +374,7 @@ def plan(
         needs = f", needs {', '.join(stage.needs)}" if stage.needs else ""
         console.print(
             f"\nstage {stage.name}: {stage.kind}, {len(stage.instances)} instances, "
-            f"runner {stage.runner.type}, concurrency {stage.concurrency}, "
+            f"runner {stage.runner.type}, concurrency {_limit(stage)}, "
             f"retries {stage.retries}, timeout {stage.timeout:g}s{needs}{mark}",
             markup=False,
         )

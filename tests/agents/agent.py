@@ -26,6 +26,8 @@ Modes:
 ``symlink``      out.json, notes.md and ``link`` -> ``/etc/hostname``
 ``fifo``         out.json, notes.md and a named pipe ``pipe``
 ``failafter``    wait until ``--wait-for`` pid files exist in ``--pids``, then exit code 3
+``gather``       wait until ``--wait-for`` pid files exist in ``--pids``, then ``write``
+                 (so it only ends once that many agents ran at the same time)
 ``waitonce``     on attempt 1, record the pid and sleep for ever (a test kills it); later
                  attempts ``write``
 
@@ -129,14 +131,28 @@ def _fifo(key: str, options: dict[str, str]) -> int:
     return 0
 
 
-def _failafter(key: str, options: dict[str, str]) -> int:
+def _gathered(options: dict[str, str]) -> int:
     pids = Path(options["--pids"])
     want = int(options["--wait-for"])
     deadline = time.monotonic() + 30
     while len(list(pids.glob("*.pid"))) < want and time.monotonic() < deadline:
         time.sleep(0.01)
+    return want
+
+
+def _failafter(key: str, options: dict[str, str]) -> int:
+    want = _gathered(options)
     print(f"agent {key}: failing after {want} agents started", file=sys.stderr)
     return 3
+
+
+def _gather(key: str, options: dict[str, str]) -> int:
+    want = _gathered(options)
+    if len(list(Path(options["--pids"]).glob("*.pid"))) < want:
+        print(f"agent {key}: fewer than {want} agents ever ran at once", file=sys.stderr)
+        return 4
+    _outputs(key)
+    return 0
 
 
 def _write(key: str, options: dict[str, str]) -> int:
@@ -156,6 +172,7 @@ MODES: dict[str, Callable[[str, dict[str, str]], int]] = {
     "symlink": _symlink,
     "fifo": _fifo,
     "failafter": _failafter,
+    "gather": _gather,
 }
 
 

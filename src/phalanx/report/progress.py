@@ -1,9 +1,12 @@
 """The live display of a run.
 
 On a terminal: a rich table, one row per stage (total, running, committed, failed, retrying,
-elapsed, ETA), redrawn a few times a second. Elsewhere (a pipe, a CI log, ``--quiet`` off a
-terminal): plain lines, one per stage start and end, per failed attempt, and a progress line per
-stage at most every ``interval`` seconds, so a 10,000-instance run does not print 10,000 lines.
+elapsed, ETA), redrawn a few times a second, with the tokens and cost so far, a forecast of the
+total cost and of the finish once a few instances have ended, and the adaptive lanes' limits.
+Elsewhere (a pipe, a CI log, ``--quiet`` off a terminal): plain lines, one per stage start and
+end, per failed attempt, per budget reached and per ``phalanx tune`` change, and a progress line
+per stage (or lane change) at most every ``interval`` seconds, so a 10,000-instance run does not
+print 10,000 lines.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from rich.table import Table
 from .._events import (
     AttemptEnded,
     AttemptStarted,
+    BudgetReached,
     Event,
     InstanceEnded,
+    LanePaused,
+    LimitChanged,
     RunEnded,
     RunStarted,
     StageEnded,
@@ -92,7 +98,10 @@ class Progress:
         self.interval = interval
         self.rows: dict[str, _Row] = {}
         self.usage = Usage()
+        self.lanes: dict[str, int] = {}
+        self.started = time.monotonic()
         self._live: Live | None = None
+        self._lane_line = 0.0
 
     def __enter__(self) -> Progress:
         if self.live_mode:
@@ -175,8 +184,45 @@ class Progress:
                 )
         elif isinstance(event, RunEnded) and event.cancelled:
             self._print("run stopped: in-flight attempts cancelled, committed outputs kept")
+        elif isinstance(event, LimitChanged | LanePaused | BudgetReached):
+            self._limits(event, now)
         if self._live is not None:
             self._live.update(self._table())
+
+    def _limits(self, event: LimitChanged | LanePaused | BudgetReached, now: float) -> None:
+        """Budgets and ``phalanx tune`` changes are always told; a lane's moves are shown
+        in the table on a terminal, and elsewhere at most once per ``interval``."""
+        if isinstance(event, BudgetReached):
+            self._print(f"stage {event.stage}: no new attempts: {event.reason}")
+            return
+        if isinstance(event, LimitChanged) and event.lane is None:
+            self._print(f"stage {event.stage}: concurrency {event.old} -> {event.new} (tune)")
+            return
+        if isinstance(event, LimitChanged):
+            lane = event.lane or ""
+            self.lanes[lane] = event.new
+            text = f"lane {lane}: limit {event.old} -> {event.new} ({event.reason})"
+        else:
+            text = f"lane {event.lane}: rate limited, pausing {event.seconds:.1f}s"
+        if not self.live_mode and now - self._lane_line >= self.interval:
+            self._lane_line = now
+            self._print("  " + text)
+
+    def forecast(self, now: float | None = None) -> str | None:
+        """The expected total cost and time left, from the instances ended so far (at least
+        three run, not cached); ``None`` before that."""
+        ran = sum(row.committed + row.failed for row in self.rows.values())
+        if ran < 3:
+            return None
+        to_run = sum(row.total - row.cached - row.skipped for row in self.rows.values())
+        left = max(0, to_run - ran)
+        elapsed = (now or time.monotonic()) - self.started
+        parts = []
+        if self.usage.cost_usd > 0:
+            parts.append(f"~${self.usage.cost_usd / ran * to_run:.2f} in all")
+        if left:
+            parts.append(f"~{_clock(elapsed / ran * left)} to go")
+        return "forecast: " + ", ".join(parts) if parts else None
 
     def _instance_ended(self, event: InstanceEnded, now: float) -> None:
         result = event.result
@@ -199,7 +245,15 @@ class Progress:
             )
 
     def _table(self) -> Table:
-        caption = self.usage.describe() if self.usage else None
+        lines = [self.usage.describe()] if self.usage else []
+        forecast = self.forecast()
+        if forecast is not None:
+            lines.append(forecast)
+        if self.lanes:
+            lines.append(
+                "lanes: " + ", ".join(f"{name} limit {n}" for name, n in sorted(self.lanes.items()))
+            )
+        caption = "\n".join(lines) or None
         table = Table(
             box=None, pad_edge=False, header_style="bold", caption=caption, caption_justify="left"
         )

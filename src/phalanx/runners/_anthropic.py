@@ -3,7 +3,9 @@
 The blueprint is the system prompt (inline mode), or the instance is told which blueprint file
 to read (reference mode). The conversation runs until the model ends its turn, ``max_turns``,
 or ``max_tokens``. The SDK's own retries are off (``max_retries=0``) so every 429 and 529
-reaches phalanx's scheduler, which backs off and honours ``retry-after``.
+reaches phalanx: each call goes through the attempt's gate (``ctx.gate``), which in a run is
+its lane's, pacing calls by the ``anthropic-ratelimit-*`` headers and sending a refused call
+again after the ``retry-after``.
 """
 
 from __future__ import annotations
@@ -12,21 +14,20 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._config import AnthropicRunnerConfig
-from .._errors import RunnerError
+from .._errors import CallTimeout, RunnerError
 from .._prices import Price, add_cost
-from ._base import InstanceContext, Usage
+from ._base import InstanceContext, Sent, Usage
 from ._llm import (
     APIRunner,
     Clients,
     Transcript,
     classify_status,
+    estimate_tokens,
+    limit_headers,
     opening,
     provider_message,
     retry_after_seconds,
 )
-
-if TYPE_CHECKING:
-    pass
 
 if TYPE_CHECKING:
     import anthropic
@@ -64,7 +65,7 @@ class AnthropicRunner(APIRunner):
             transcript.write("request", model=self.model, system=system, messages=messages)
             offered = [*tools.definitions("anthropic"), *self.server_tools]
             for _turn in range(self.config.max_turns):
-                reply = await self._create(system, messages, offered, ctx.usage)
+                reply = await self._create(system, messages, offered, ctx)
                 blocks = [_echo(block) for block in reply.content]
                 messages.append({"role": "assistant", "content": blocks})
                 transcript.write("assistant", content=blocks, stop_reason=reply.stop_reason)
@@ -99,14 +100,31 @@ class AnthropicRunner(APIRunner):
         system: str,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
-        usage: Usage,
+        ctx: InstanceContext,
     ) -> Any:
         extra: dict[str, Any] = {}
         if self.config.temperature is not None:
             extra["temperature"] = self.config.temperature
+        request = {"system": system, "messages": messages, "tools": tools}
+        reply = await ctx.gate.request(
+            lambda: self._send(system, messages, tools, extra),
+            estimate=estimate_tokens(request, self.config.max_tokens),
+        )
+        self._account(reply, ctx.usage)
+        return reply
+
+    async def _send(
+        self,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        extra: dict[str, Any],
+    ) -> Sent[Any]:
+        """One Messages call, its errors mapped onto phalanx's; the reply with its rate-limit
+        headers and the tokens it used (input, cached and output)."""
         sdk = self.sdk
         try:
-            reply = await self.client.messages.create(
+            raw = await self.client.messages.with_raw_response.create(
                 model=self.model,
                 system=system,
                 messages=messages,  # type: ignore[arg-type]
@@ -114,14 +132,28 @@ class AnthropicRunner(APIRunner):
                 max_tokens=self.config.max_tokens,
                 **extra,
             )
+            reply = await raw.parse()
         except sdk.APIStatusError as exc:
             raise classify_status(
                 exc.status_code,
                 provider_message(exc.body, str(exc.message)),
                 retry_after=retry_after_seconds(exc.response.headers),
+                headers=limit_headers(exc.response.headers),
             ) from exc
-        except sdk.APIConnectionError as exc:  # includes timeouts
+        except sdk.APITimeoutError as exc:
+            raise CallTimeout(f"the model did not answer in time: {exc}") from exc
+        except sdk.APIConnectionError as exc:
             raise RunnerError(f"connection to the model failed: {exc}") from exc
+        used = reply.usage
+        tokens = (
+            used.input_tokens
+            + (used.cache_read_input_tokens or 0)
+            + (used.cache_creation_input_tokens or 0)
+            + used.output_tokens
+        )
+        return Sent(reply, limit_headers(raw.headers), tokens)
+
+    def _account(self, reply: Any, usage: Usage) -> None:
         used = reply.usage
         spent = Usage(
             requests=1,
@@ -131,7 +163,6 @@ class AnthropicRunner(APIRunner):
             cache_write_tokens=used.cache_creation_input_tokens or 0,
         )
         add_cost(usage, spent, self.model, self.prices)
-        return reply
 
 
 def _echo(block: Any) -> dict[str, Any]:

@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 from .._usage import Usage
 
-__all__ = ["InputRef", "InstanceContext", "Runner", "Usage"]
+__all__ = ["Gate", "InputRef", "InstanceContext", "Runner", "Sent", "Usage"]
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Sent(Generic[_T]):
+    """What one model call returned: the parsed reply, the response's headers (rate-limit
+    headers are read from them) and the tokens the call used, input (cached included) plus
+    output."""
+
+    value: _T
+    headers: Mapping[str, str]
+    tokens: int
+
+
+class Gate:
+    """The way an attempt's model calls go out. This one sends them straight away; the
+    scheduler hands API runners a gate of their lane (:mod:`phalanx._lanes`) that waits for the
+    lane's pauses and token buckets before a call, reserves ``estimate`` tokens (the input's
+    estimate plus ``max_tokens``), settles against what the call used, and sends a call that
+    was refused (:class:`~phalanx.RateLimited`) again instead of failing the attempt."""
+
+    async def request(self, send: Callable[[], Awaitable[Sent[_T]]], *, estimate: int) -> _T:
+        """Send one call through the gate and return its reply's value."""
+        del estimate
+        return (await send()).value
+
+
+_DIRECT = Gate()
 
 
 @dataclass(frozen=True)
@@ -34,7 +63,8 @@ class InstanceContext:
     ``expected`` are the file names the stage expects in ``output_dir``; ``reads`` the
     project-relative reference paths the stage declares. ``feedback`` is why the previous
     attempt's output was rejected (empty on a first attempt, or after another kind of failure),
-    for agents that can learn from it. LLM runners add what they spend to ``usage``.
+    for agents that can learn from it. LLM runners add what they spend to ``usage`` and send
+    every model call through ``gate``.
     """
 
     run_id: str
@@ -55,6 +85,7 @@ class InstanceContext:
     reads: tuple[str, ...] = ()
     feedback: str = ""
     usage: Usage = field(default_factory=Usage)
+    gate: Gate = _DIRECT
 
 
 class Runner(abc.ABC):
@@ -67,6 +98,9 @@ class Runner(abc.ABC):
     """
 
     type: ClassVar[str]
+    lane: Hashable | None = None
+    """Runners that call a model API name their lane: calls with the same provider, endpoint,
+    model and credential share one concurrency limit and one set of rate-limit buckets."""
 
     @abc.abstractmethod
     async def run(self, ctx: InstanceContext) -> None:

@@ -3,6 +3,7 @@ provider's errors map onto phalanx's, and the transcript of an attempt."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -31,7 +32,9 @@ __all__ = [
     "Transcript",
     "api_key",
     "classify_status",
+    "estimate_tokens",
     "file_tools",
+    "limit_headers",
     "opening",
     "provider_message",
     "retry_after_seconds",
@@ -126,18 +129,23 @@ def opening(ctx: InstanceContext, *, reference: bool) -> tuple[FileTools, str, s
 
 
 def classify_status(
-    status: int, message: str, *, retry_after: float | None = None, code: str | None = None
+    status: int,
+    message: str,
+    *,
+    retry_after: float | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> RunnerError:
-    """A provider's HTTP error as a phalanx error: 429/529/503 wait and retry, other 5xx
-    retry, 4xx (bad request, unknown model) cannot be fixed by retrying, and a rejected key or
-    an empty quota stops the whole run."""
+    """A provider's HTTP error as a phalanx error: 429/529/503 wait and retry (carrying the
+    rate-limit ``headers``, for the lane), other 5xx retry, 4xx (bad request, unknown model)
+    cannot be fixed by retrying, and a rejected key or an empty quota stops the whole run."""
     text = f"{status}: {message}"
     if code == "insufficient_quota":
         return FatalError(f"{text} (billing: the account has no quota left)")
     if status in (401, 403):
         return FatalError(f"{text} (check the API key and its permissions)")
     if status in (429, 503, 529):
-        return RateLimited(text, retry_after=retry_after)
+        return RateLimited(text, retry_after=retry_after, headers=headers)
     if status >= 500 or status == 408:
         return RunnerError(text, retry_after=retry_after)
     return PermanentError(text)
@@ -169,10 +177,31 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
+def limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers a lane reads (``retry-after``, ``retry-after-ms`` and the rate-limit
+    family), lower-cased; nothing else of a response (cookies, ids) is carried further."""
+    return {
+        name.lower(): value
+        for name, value in headers.items()
+        if name.lower().startswith(("retry-after", "anthropic-ratelimit-", "x-ratelimit-"))
+    }
+
+
+def estimate_tokens(request: Mapping[str, Any], max_tokens: int) -> int:
+    """What a call may cost, reserved in its lane before it is sent: its input at about four
+    characters a token (of the JSON request; cheap, and generous for JSON's punctuation) plus
+    all the output it may produce."""
+    return len(json.dumps(request, ensure_ascii=False, default=str)) // 4 + max_tokens
+
+
 class APIRunner(Runner):
     """What the Anthropic and OpenAI runners share: the optional SDK, loaded when the runner
     is built (a missing one is reported with the command that installs it), and one client
-    with the SDK's own retries off, shared through ``clients`` when the run gives one."""
+    with the SDK's own retries off, shared through ``clients`` when the run gives one.
+
+    ``lane`` is ``(provider, base_url, model, key digest)``: the first twelve hex digits of the
+    key's SHA-256, enough to tell two keys apart without the key itself ever being held in a
+    name that is logged or displayed."""
 
     provider: ClassVar[str]
     client_class: ClassVar[str]
@@ -196,6 +225,8 @@ class APIRunner(Runner):
         self.reference = reference
         self.prices = prices
         key = api_key(config.api_key_env, base_url=config.base_url, runner=self.provider)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        self.lane = (self.provider, config.base_url, model, digest)
 
         def make() -> Any:
             client_class = getattr(self.sdk, self.client_class)

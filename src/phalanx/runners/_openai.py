@@ -2,7 +2,9 @@
 
 Works against OpenAI and every server that speaks its API (vLLM, Ollama, llama.cpp's server,
 LM Studio): set ``base_url``. The SDK's own retries are off (``max_retries=0``) so every 429 and
-5xx reaches phalanx's scheduler, which backs off and honours ``retry-after``.
+5xx reaches phalanx: each call goes through the attempt's gate (``ctx.gate``), which in a run is
+its lane's, pacing calls by the ``x-ratelimit-*`` headers and sending a refused call again after
+the ``retry-after``; other errors fail the attempt, which the scheduler retries.
 """
 
 from __future__ import annotations
@@ -12,21 +14,20 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._config import OpenAIRunnerConfig
-from .._errors import RunnerError
+from .._errors import CallTimeout, RunnerError
 from .._prices import Price, add_cost
-from ._base import InstanceContext, Usage
+from ._base import InstanceContext, Sent, Usage
 from ._llm import (
     APIRunner,
     Clients,
     Transcript,
     classify_status,
+    estimate_tokens,
+    limit_headers,
     opening,
     provider_message,
     retry_after_seconds,
 )
-
-if TYPE_CHECKING:
-    pass
 
 if TYPE_CHECKING:
     import openai
@@ -64,7 +65,7 @@ class OpenAIRunner(APIRunner):
         try:
             transcript.write("request", model=self.model, messages=messages)
             for _turn in range(self.config.max_turns):
-                reply = await self._complete(messages, tools.definitions("openai"), ctx.usage)
+                reply = await self._complete(messages, tools.definitions("openai"), ctx)
                 choice = reply.choices[0]
                 message = choice.message
                 calls = message.tool_calls or []
@@ -90,31 +91,16 @@ class OpenAIRunner(APIRunner):
             transcript.close()
 
     async def _complete(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], usage: Usage
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], ctx: InstanceContext
     ) -> Any:
         extra: dict[str, Any] = {}
         if self.config.temperature is not None:
             extra["temperature"] = self.config.temperature
-        sdk = self.sdk
-        try:
-            reply = await self.client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                tools=tools,  # type: ignore[arg-type]
-                max_tokens=self.config.max_tokens,
-                **extra,
-            )
-        except sdk.APIStatusError as exc:
-            body = exc.body if isinstance(exc.body, dict) else {}
-            code = body.get("code") or getattr(exc, "code", None)
-            raise classify_status(
-                exc.status_code,
-                provider_message(exc.body, str(exc.message)),
-                retry_after=retry_after_seconds(exc.response.headers),
-                code=code if isinstance(code, str) else None,
-            ) from exc
-        except sdk.APIConnectionError as exc:  # includes timeouts
-            raise RunnerError(f"connection to the model failed: {exc}") from exc
+        estimate = estimate_tokens({"messages": messages, "tools": tools}, self.config.max_tokens)
+        reply = await ctx.gate.request(
+            lambda: self._send(messages, tools, extra, estimate), estimate=estimate
+        )
+        usage = ctx.usage
         spent = Usage(requests=1)
         if reply.usage is not None:
             details = reply.usage.prompt_tokens_details
@@ -126,6 +112,44 @@ class OpenAIRunner(APIRunner):
         if not reply.choices:
             raise RunnerError("the model returned no choices")
         return reply
+
+    async def _send(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        extra: dict[str, Any],
+        estimate: int,
+    ) -> Sent[Any]:
+        """One Chat Completions call, its errors mapped onto phalanx's; the reply with its
+        rate-limit headers and the tokens it used (prompt, cached included, and completion;
+        the ``estimate`` when a server reports no usage)."""
+        sdk = self.sdk
+        try:
+            raw = await self.client.chat.completions.with_raw_response.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                tools=tools,  # type: ignore[arg-type]
+                max_tokens=self.config.max_tokens,
+                **extra,
+            )
+            reply = raw.parse()
+        except sdk.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            code = body.get("code") or getattr(exc, "code", None)
+            raise classify_status(
+                exc.status_code,
+                provider_message(exc.body, str(exc.message)),
+                retry_after=retry_after_seconds(exc.response.headers),
+                code=code if isinstance(code, str) else None,
+                headers=limit_headers(exc.response.headers),
+            ) from exc
+        except sdk.APITimeoutError as exc:
+            raise CallTimeout(f"the model did not answer in time: {exc}") from exc
+        except sdk.APIConnectionError as exc:
+            raise RunnerError(f"connection to the model failed: {exc}") from exc
+        used = reply.usage
+        tokens = used.prompt_tokens + used.completion_tokens if used is not None else estimate
+        return Sent(reply, limit_headers(raw.headers), tokens)
 
 
 def _call_tool(tools: Any, name: str, arguments: str) -> tuple[str, bool]:
