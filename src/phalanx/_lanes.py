@@ -387,6 +387,11 @@ class Lane:
     do not cut again. ``ceiling`` (the configured maximum) caps it. Without ``auto`` the
     slot count is ``ceiling``, fixed.
 
+    A refusal costs far more than a round trip (the whole lane waits out ``retry-after``), so
+    the lane remembers the slot count that was refused and grows back only to one below it.
+    It probes that count again after ``probe`` seconds, twice as long after each refusal at
+    or below it (up to ``max_probe``), and forgets it once it has grown past it unrefused.
+
     ``on_change`` hears every move of the whole-number limit and every pause. A call is sent
     again after up to ``max_requeues`` refusals; the next refusal fails it.
     """
@@ -401,6 +406,8 @@ class Lane:
         clock: Clock = SYSTEM_CLOCK,
         on_change: Callable[[LaneChange], None] | None = None,
         max_requeues: int = 20,
+        probe: float = 2.0,
+        max_probe: float = 60.0,
     ) -> None:
         if ceiling < 1 or start < 1:
             raise ValueError(f"a lane's ceiling and start must be >= 1, not {ceiling}, {start}")
@@ -413,6 +420,10 @@ class Lane:
         self._limit = float(min(start, ceiling)) if auto else float(ceiling)
         self._slow_start = True
         self._window = 0
+        self._probe, self._max_probe = probe, max_probe
+        self._refused_at: int | None = None  # the slot count last refused
+        self._probe_wait = probe
+        self._probe_after = 0.0
         self._slots = Slots(math.floor(self._limit))
         self._paused_until = 0.0
         self._requests_bucket = _Bucket()
@@ -519,7 +530,14 @@ class Lane:
             return  # growing a limit that is not used would only license a later burst
         step = 1.0 if self._slow_start else 1.0 / self._limit
         limit = min(float(self._ceiling), self._limit + step)
-        if limit != self._limit:
+        refused = self._refused_at
+        if refused is not None:
+            if self.clock.now() < self._probe_after:
+                limit = min(limit, refused - 1e-6)  # stay one below what was refused
+            elif math.floor(limit) > refused:
+                self._refused_at = None  # grown past it without a refusal: it has lifted
+                self._probe_wait = self._probe
+        if limit > self._limit:
             self._move(limit, "increase")
 
     def _decrease(self, ticket: _Ticket) -> None:
@@ -527,6 +545,11 @@ class Lane:
             return
         self._window += 1
         self._slow_start = False
+        level = math.floor(self._limit)
+        if self._refused_at is not None and level <= self._refused_at:
+            self._probe_wait = min(self._max_probe, self._probe_wait * 2)
+        self._refused_at = level
+        self._probe_after = self.clock.now() + self._probe_wait
         self._move(max(1.0, self._limit * 0.5), "decrease")
 
     def _pause(self, seconds: float) -> None:

@@ -375,6 +375,7 @@ class Plan:
                     "needs": list(stage.needs),
                     "runner": stage.runner.type,
                     "concurrency": stage.concurrency,
+                    "adaptive": stage.auto,
                     "retries": stage.retries,
                     "timeout_s": stage.timeout,
                     "min_success": stage.min_success,

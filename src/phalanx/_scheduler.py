@@ -1228,8 +1228,7 @@ class _Run:
         limit = factor * durations[len(durations) // 2]
         deadline = running.started + limit
         when = running.scope.when()
-        if when is None or deadline < when:
-            running.scope.reschedule(deadline)
+        if (when is None or deadline < when) and _reschedule(running.scope, deadline):
             running.relative = limit
 
     def _failed_attempt(
@@ -1552,9 +1551,21 @@ def _extend(scope: asyncio.Timeout) -> Callable[[float], None]:
     def waited(seconds: float) -> None:
         when = scope.when()
         if when is not None:
-            scope.reschedule(when + seconds)
+            _reschedule(scope, when + seconds)
 
     return waited
+
+
+def _reschedule(scope: asyncio.Timeout, when: float) -> bool:
+    """Move a timeout's deadline, unless it has already fired (its cancellation is on its
+    way: too late to change it) or been left. Returns whether it moved."""
+    if scope.expired():
+        return False
+    try:
+        scope.reschedule(when)
+    except RuntimeError:  # not entered any more
+        return False
+    return True
 
 
 def _lane_name(lane: object) -> str:

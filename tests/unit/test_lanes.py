@@ -299,6 +299,38 @@ def test_one_cut_per_window() -> None:
     assert [(c.old, c.new, c.reason) for c in changes] == [(8, 4, "decrease"), (4, 2, "decrease")]
 
 
+def test_after_a_refusal_the_lane_stays_one_below_it_and_probes_ever_more_rarely() -> None:
+    """Refused at 4 slots: the limit grows back to 3 and stays there (probing 4 again would
+    cost the whole lane a pause) until the probe time has passed; refused again at 4, it
+    waits twice as long before the next probe; once it grows past 4 unrefused, it forgets."""
+
+    async def main(clock: FakeClock) -> None:
+        lane = Lane("p m", auto=True, ceiling=64, start=4, clock=clock, probe=2.0)
+        gate = lane.gate()
+
+        async def grow(calls: int) -> None:
+            for _ in range(calls):
+                await saturate(lane)
+                await gate.request(_returns(ok()), estimate=1)
+
+        await saturate(lane)
+        await gate.request(_script([refusal(), ok()]), estimate=1)  # refused at 4: down to 2
+        await grow(40)
+        assert math.floor(lane.limit) == 3
+        await clock.sleep(2.5)  # the probe time has passed: 4 is tried again
+        await grow(1)
+        assert math.floor(lane.limit) == 4
+        await gate.request(_script([refusal(), ok()]), estimate=1)  # refused at 4 again
+        await clock.sleep(2.5)
+        await grow(40)
+        assert math.floor(lane.limit) == 3  # now it waits 4 s, not 2
+        await clock.sleep(2.0)
+        await grow(40)
+        assert math.floor(lane.limit) > 5  # grown past 4 unrefused: the memory is gone
+
+    simulate(main)
+
+
 def test_a_call_timeout_cuts_the_limit_and_fails_the_attempt() -> None:
     """A call that timed out is not sent again (the attempt fails and its retry policy
     decides), but it is a sign of overload: the limit halves; other errors leave it alone."""
