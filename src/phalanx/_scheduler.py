@@ -1,18 +1,24 @@
 """The scheduler: runs a planned pipeline.
 
 Stages start when the stages they need have passed their barrier, so independent stages run
-side by side under one global cap. Inside a stage a feeder starts the instances in priority
-order, each the moment it holds a slot of the stage and one of the run (a sliding window: a slot
-refills the moment an instance ends, no waves). Each attempt runs under the stage's timeout, is
-validated, and is committed by an atomic rename. A failure is caught at the instance boundary:
-it becomes an outcome, is written to the notes, and is retried after a backoff with full jitter.
-Only a bug in phalanx itself cancels siblings.
+side by side under one global cap; a group or follow stage streams instead, starting each
+instance as soon as the upstream instances it reads have ended. Inside a stage a feeder starts
+the instances in priority order, each the moment it holds its slots (see :meth:`_Run._slot`):
+a sliding window in which a slot refills the moment an instance ends, or batches with
+``waves`` and ``priority_barrier``. Each attempt runs under the stage's timeout (absolute, or
+relative to the stage's median), is validated, and is committed by an atomic rename. A failure
+is caught at the instance boundary: it becomes an outcome, is written to the notes, and is
+retried after a backoff with full jitter. A straggler may get a speculative backup attempt;
+the first of the two to commit wins. Only a bug in phalanx itself cancels siblings.
+
+API runners' calls go through their lane (:mod:`phalanx._lanes`); budgets, the resource guard
+and ``phalanx tune`` are in :mod:`phalanx._admission`.
 
 Stopping (Ctrl-C, SIGTERM, :meth:`RunHandle.stop`) cancels in-flight attempts — their staging
 folders are removed, a ``command`` agent's process group is killed — and marks everything not
 committed as skipped (cancelled). Committed outputs stay.
 
-Before a stage starts, each instance's fingerprint is computed (:mod:`phalanx._manifest`). An
+Before an instance starts, its fingerprint is computed (:mod:`phalanx._manifest`). An
 instance whose committed output carries that fingerprint and is intact is not run again
 (``cached``; ``committed`` when an earlier process of this same run committed it, i.e. on a
 resume); one that failed before with the same fingerprint is not retried unless asked. The run
@@ -692,6 +698,8 @@ class _Run:
         spec = None
         if stage.speculate is not None:
             spec = Speculation(state.backups, state.backups_won, state.backup_s, state.backup_usd)
+        if streaming and state.started_at:
+            started = state.started_at[0]  # its span begins with its first instance, not the wait
         return StageResult(
             stage.name,
             instances,
