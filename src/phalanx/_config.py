@@ -209,14 +209,16 @@ class Guard(_Model):
 
 
 class Speculate(_Model):
-    """``speculate: {after: p90, max_extra: 5%}``: when an attempt runs longer than the
+    """``speculate: {after: p99, max_extra: 5%}``: when an attempt runs longer than the
     ``after`` percentile of the stage's successful durations (known once ``min_samples`` have
     succeeded), a backup attempt of the same instance starts; the first valid commit wins and
     the other is cancelled. At most ``max_extra`` of the stage's instances get a backup."""
 
-    after: str = "p90"
+    after: str = "p99"
     max_extra: float | str = "5%"
-    min_samples: int = Field(default=10, ge=1)
+    min_samples: int | None = Field(default=None, ge=1)
+    """``None``: one slot's worth of successes (the stage's limit, at most half the stage, at
+    least 10): the first few to finish are the quickest, and would set the bar too low."""
 
     @field_validator("after")
     @classmethod

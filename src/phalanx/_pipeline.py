@@ -263,6 +263,19 @@ _DEFAULT_CONCURRENCY = 16
 _RELATIVE_FALLBACK_S = 600.0
 
 
+def _shared(members: Sequence[InstancePlan]) -> dict[str, object]:
+    """The fields every member of a group has with the same value (a feature's DIMENSION), so
+    that the group can pass them on; never the members' own keys."""
+    shared = dict(members[0].values)
+    for member in members[1:]:
+        for name in list(shared):
+            if name not in member.values or member.values[name] != shared[name]:
+                del shared[name]
+    shared.pop("PARTITION_KEY", None)
+    shared.pop("GROUP_SIZE", None)
+    return shared
+
+
 def _timeout(own: float | str | None, default: float | str) -> tuple[float, float | None]:
     """A stage's timeout as (seconds, factor of the median or ``None``). A relative timeout
     falls back on the default's seconds (or 600 s) until enough attempts have succeeded."""
@@ -645,7 +658,11 @@ class _Planner:
                     f"{self.where(i, 'group_by')}: group value {value!r} (field {field_name!r}"
                     f" of {members[0].key!r}) cannot name a folder: {reason}"
                 )
-            fields = {field_name: members[0].values[field_name], "GROUP_SIZE": len(members)}
+            fields = {
+                **_shared(members),
+                field_name: members[0].values[field_name],
+                "GROUP_SIZE": len(members),
+            }
             priority = max(m.priority for m in members)
             seeds.append((value, priority, fields, tuple(_ref(m) for m in members)))
         return field_name, seeds

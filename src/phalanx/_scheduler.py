@@ -168,7 +168,8 @@ class _StageState:
     # Stragglers: successful durations (sorted), the attempts running now, and backups.
     durations: list[float] = field(default_factory=list)
     running: set[_Running] = field(default_factory=set)
-    backups: int = 0
+    backups: int = 0  # backups that ran
+    backups_queued: int = 0  # backups waiting for their slots
     backups_won: int = 0
     backup_s: float = 0.0
     backup_usd: float = 0.0
@@ -176,7 +177,17 @@ class _StageState:
 
 _SUPERSEDED = "superseded: another attempt of the instance committed first"
 _RELATIVE_MIN_SAMPLES = 5
-"""Successful attempts a stage needs before ``timeout: 300%`` replaces its seconds."""
+"""The fewest successful attempts before ``timeout: 300%`` replaces the stage's seconds (see
+:func:`_cohort` for the usual number)."""
+_SPECULATE_MIN_SAMPLES = 10
+
+
+def _cohort(state: _StageState, floor: int) -> int:
+    """How many successes a stage needs before its durations say anything about the slow end.
+    The first to finish are the quickest of the attempts that started together, so a
+    percentile of a few of them is far too low: wait for about one slot's worth (the stage's
+    limit), but no more than half the stage, and never fewer than ``floor``."""
+    return max(floor, min(state.limit, len(state.plan.instances) // 2))
 
 
 @dataclass(eq=False)
@@ -1144,6 +1155,7 @@ class _Run:
         """A speculative backup attempt of a straggling instance: it runs beside the original
         one, and the first of the two to commit a valid output wins (see :meth:`_speculate`)."""
         held = False
+        queued = True
         inst = live.inst
         try:
             await self._slot(state, inst, first=True)
@@ -1154,7 +1166,10 @@ class _Run:
                 or inst.key in state.outcomes
                 or self._out_of_budget(state)
             ):
-                return
+                return  # not run: it does not count against max_extra
+            state.backups_queued -= 1
+            queued = False
+            state.backups += 1
             attempt = live.next
             live.next += 1
             error = await self._attempt(state, live, attempt, backup=True)
@@ -1182,6 +1197,8 @@ class _Run:
                     )
                 )
         finally:
+            if queued:
+                state.backups_queued -= 1
             if held:
                 self._free(state)
 
@@ -1197,7 +1214,8 @@ class _Run:
         while state.tasks:
             await asyncio.sleep(tick)
             durations = state.durations
-            if len(durations) < spec.min_samples or state.backups >= cap:
+            needed = spec.min_samples or _cohort(state, _SPECULATE_MIN_SAMPLES)
+            if len(durations) < needed or state.backups + state.backups_queued >= cap:
                 continue
             threshold = durations[
                 min(len(durations) - 1, int(spec.percentile / 100 * len(durations)))
@@ -1208,9 +1226,12 @@ class _Run:
                 live = running.live
                 if running.backup or live.backup is not None or live.inst.key in state.outcomes:
                     continue
-                if now - running.started <= threshold or state.backups >= cap:
+                if (
+                    now - running.started <= threshold
+                    or state.backups + state.backups_queued >= cap
+                ):
                     break  # the rest started later still
-                state.backups += 1
+                state.backups_queued += 1
                 live.backup = group.create_task(
                     self._backup(state, live), name=f"backup:{state.plan.name}/{live.inst.key}"
                 )
@@ -1231,7 +1252,7 @@ class _Run:
         """Bring an attempt's deadline forward to ``timeout_factor`` times the stage's median
         successful duration, once enough attempts have succeeded to know it."""
         factor, durations = state.plan.timeout_factor, state.durations
-        if factor is None or len(durations) < _RELATIVE_MIN_SAMPLES:
+        if factor is None or len(durations) < _cohort(state, _RELATIVE_MIN_SAMPLES):
             return
         limit = factor * durations[len(durations) // 2]
         deadline = running.started + limit
@@ -1395,13 +1416,23 @@ class _Run:
         self._succeeded(state, duration)
         if backup:
             state.backups_won += 1
+        now, wall = time.monotonic(), time.time()
+        for twin in state.running:  # the slower twin, about to be cancelled: its time counts
+            if twin.live is live and twin.attempt != attempt:
+                spent = now - twin.started
+                live.attempts.append(
+                    AttemptRecord(
+                        twin.attempt, wall - spent, spent, "superseded", _SUPERSEDED,
+                        backup=twin.backup,
+                    )
+                )  # fmt: skip
         state.outcomes[inst.key] = self._ended(
             InstanceResult(
                 stage.name,
                 inst.key,
                 "committed",
                 inst.output,
-                tuple(live.attempts),
+                tuple(sorted(live.attempts, key=lambda record: record.attempt)),
                 fingerprint=live.verdict.fingerprint,
             )
         )

@@ -545,3 +545,51 @@ def test_runner_settings_override_every_runner(tmp_path: Path) -> None:
         "http://127.0.0.1:9/v1",
     )
     assert (b.runner.type, b.runner.model) == ("openai", "m2")  # type: ignore[union-attr]
+
+
+def test_a_group_carries_the_fields_its_members_share(tmp_path: Path) -> None:
+    """A feature passes on the DIMENSION all its functions agree on, so the next layer can
+    group features by it (55 -> 12 -> 4 -> 1); a field the members disagree on is not
+    carried, and a template naming it is refused at planning."""
+    functions = json.dumps(
+        [
+            {"id": "a1", "feature": "A", "dimension": "D1"},
+            {"id": "a2", "feature": "A", "dimension": "D1"},
+            {"id": "b1", "feature": "B", "dimension": "D1"},
+            {"id": "c1", "feature": "C", "dimension": "D2"},
+        ]
+    )
+    pipeline = f"""\
+        name: layers
+        defaults: {{{RUNNER}}}
+        stages:
+          - name: functions
+            partitions: {{from: functions.json, key: id}}
+            params: {{FEATURE: "{{feature}}", DIMENSION: "{{dimension}}"}}
+            output: data/functions/{{PARTITION_KEY}}/
+          - name: features
+            needs: [functions]
+            group_by: FEATURE
+            params: {{DIMENSION: "{{DIMENSION}}"}}
+            output: data/features/{{FEATURE}}/
+          - name: dimensions
+            needs: [features]
+            group_by: DIMENSION
+            output: data/dimensions/{{DIMENSION}}/
+        """
+    plan = plan_of(tmp_path, pipeline, {"functions.json": functions})
+    features = plan.stage("features")
+    assert {i.key: i.values["DIMENSION"] for i in features.instances} == {
+        "A": "D1",
+        "B": "D1",
+        "C": "D2",
+    }
+    dimensions = plan.stage("dimensions")
+    assert {i.key: [r.key for r in i.inputs] for i in dimensions.instances} == {
+        "D1": ["A", "B"],
+        "D2": ["C"],
+    }
+
+    mixed = functions.replace('"c1", "feature": "C"', '"c1", "feature": "A"')
+    with pytest.raises(PipelineError, match="DIMENSION"):  # A's members disagree now
+        plan_of(tmp_path / "mixed", pipeline, {"functions.json": mixed})

@@ -50,7 +50,10 @@ def test_a_backup_wins_and_the_stragglers_files_never_appear(tmp_path: Path) -> 
     )
     assert stage.committed == 30
     (slow,) = [inst for inst in stage.instances if inst.key == "k00"]
-    assert [(a.attempt, a.backup, a.cause) for a in slow.attempts] == [(2, True, None)]
+    assert [(a.attempt, a.backup, a.cause) for a in slow.attempts] == [
+        (1, False, "superseded"),  # its slot time counts in the stage's serial time
+        (2, True, None),
+    ]
     assert _files(tmp_path / "out" / "k00") == ["result.txt"]
     assert (tmp_path / "out/k00/result.txt").read_text() == "k00 attempt 2"
     assert stage.speculation is not None
