@@ -133,7 +133,8 @@ def _stage_tools(
 
 
 class RunHandle:
-    """Lets a caller stop a run in progress (the CLI wires Ctrl-C and SIGTERM to it)."""
+    """Lets a caller stop or tune a run in progress (the CLI wires Ctrl-C and SIGTERM to
+    :meth:`stop`)."""
 
     def __init__(self) -> None:
         self._run: _Run | None = None
@@ -145,6 +146,16 @@ class RunHandle:
             self.stop_reason = reason
         if self._run is not None:
             self._run.stop(self.stop_reason)
+
+    def tune(self, concurrency: int, *, stage: str | None = None) -> None:
+        """Change the run's concurrency while it runs, as ``phalanx tune`` does: the slots of
+        ``stage`` (every stage by default). Lowering it stops nothing; no new instance starts
+        until fewer are in flight. Call it from the run's event loop."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+        if self._run is None:
+            raise RuntimeError("the run has not started or has ended: nothing to tune")
+        self._run.tune(concurrency, stage)
 
 
 @dataclass(eq=False)
@@ -368,6 +379,7 @@ class _Run:
         self.listeners: dict[str, list[Callable[[str | None], None]]] = {}
         self.barrier_at: dict[str, float] = {}
         self.active: set[_StageState] = set()
+        self.states: Mapping[str, _StageState] = {}
         self.summaries: list[Path] = []
         self.clients = Clients()
         self.logs = self.state_dir / "runs" / run_id / "logs"
@@ -511,6 +523,7 @@ class _Run:
                 lock.release()
 
     async def _execute(self, states: Mapping[str, _StageState], started: float) -> RunResult:
+        self.states = states
         selected = [state.plan for state in states.values()]
         self.emit(
             RunStarted(
@@ -526,7 +539,7 @@ class _Run:
                     group.create_task(self._stage(state), name=f"stage:{name}")
                     for name, state in states.items()
                 ]
-                watcher = group.create_task(self._watch_control(states), name="control")
+                watcher = group.create_task(self._watch_control(), name="control")
                 try:
                     await asyncio.wait(tasks)
                 finally:
@@ -931,23 +944,28 @@ class _Run:
             self.spending.add(ctx.usage)
             state.spending.add(ctx.usage)
 
-    async def _watch_control(self, states: Mapping[str, _StageState]) -> None:
+    async def _watch_control(self) -> None:
         """Apply ``phalanx tune`` changes while the run lasts."""
         while True:
             await asyncio.sleep(self.control_interval)
             for change in self.control.poll():
-                if change.stage is None:
-                    targets = list(states.values())
-                    self.global_slots.limit = max(self.global_slots.limit, change.concurrency)
-                else:
-                    targets = [states[change.stage]] if change.stage in states else []
-                for state in targets:
-                    old = state.slots.limit
-                    state.slots.limit = change.concurrency
-                    state.limit = change.concurrency
-                    if state.lane is not None:
-                        state.lane.set_ceiling(change.concurrency)
-                    self.emit(LimitChanged(state.plan.name, None, old, change.concurrency, "tune"))
+                self.tune(change.concurrency, change.stage)
+
+    def tune(self, concurrency: int, stage: str | None) -> None:
+        """Set the concurrency of ``stage`` (every stage when ``None``; a stage this run does
+        not have is ignored): its slots, and for an adaptive stage its lane's ceiling."""
+        if stage is None:
+            targets = list(self.states.values())
+            self.global_slots.limit = max(self.global_slots.limit, concurrency)
+        else:
+            targets = [self.states[stage]] if stage in self.states else []
+        for state in targets:
+            old = state.slots.limit
+            state.slots.limit = concurrency
+            state.limit = concurrency
+            if state.lane is not None:
+                state.lane.set_ceiling(concurrency)
+            self.emit(LimitChanged(state.plan.name, None, old, concurrency, "tune"))
 
     def _settled(self, state: _StageState, inst: InstancePlan, verdict: _Verdict) -> None:
         """Record an instance that need not run (cached, committed earlier, failed before)."""

@@ -493,3 +493,41 @@ def test_stop_during_waves_skips_the_rest(tmp_path: Path) -> None:
     )
     assert set(started) <= {"k0", "k1"}
     assert stage.skipped >= 4
+
+
+def test_a_run_handle_tunes_a_running_run(tmp_path: Path) -> None:
+    """``RunHandle.tune`` from the Python side: the first instance raises the limit from 1 to
+    3 and waits until three run at once; the change is an event."""
+    handle = RunHandle()
+    events: list[Event] = []
+    running = 0
+    three = asyncio.Event()
+
+    async def agent(ctx: InstanceContext) -> None:
+        nonlocal running
+        running += 1
+        if running >= 3:
+            three.set()
+        if ctx.key == "k0":
+            handle.tune(3)
+            async with asyncio.timeout(30):
+                await three.wait()
+        await asyncio.sleep(0.005)
+        (ctx.output_dir / "out.txt").write_text(ctx.key)
+        running -= 1
+
+    stage = asyncio.run(
+        fan_out(
+            [f"k{n}" for n in range(6)],
+            agent,
+            output="out/{PARTITION_KEY}/",
+            project_dir=tmp_path,
+            concurrency=1,
+            handle=handle,
+            on_event=events.append,
+        )
+    )
+    assert stage.committed == 6
+    assert [(e.old, e.new) for e in events if isinstance(e, LimitChanged)] == [(1, 3)]
+    with pytest.raises(RuntimeError, match="nothing to tune"):
+        handle.tune(2)
