@@ -106,6 +106,7 @@ class Measured:
     wall_s: float
     stage_wall_s: float | None  # phalanx only: the stage alone, without planning and teardown
     cpu_s: float  # user + system CPU time of the whole process (all threads) during the run
+    loop_cpu_s: float  # CPU time of the event loop's own thread during the run
     rss_before_kib: int  # peak RSS before the run: interpreter, imports and the drawn latencies
     rss_peak_kib: int  # peak RSS at the end of the run
     traced_peak_bytes: int | None  # tracemalloc's peak, only in the --tracemalloc pass
@@ -229,11 +230,13 @@ def child(mode: Mode, n: int, args: argparse.Namespace) -> Measured:
         if args.tracemalloc:
             tracemalloc.start()
         cpu = cpu_seconds()
+        loop_cpu = time.thread_time()  # asyncio.run runs the loop in this thread
         if mode == "phalanx":
             outcome = asyncio.run(run_phalanx(project, latencies, fails, args.concurrency))
         else:
             files = project if mode == "gather-files" else None
             outcome = asyncio.run(run_gather(files, latencies, fails, args.concurrency))
+        loop_cpu = time.thread_time() - loop_cpu
         cpu = cpu_seconds() - cpu
         traced = tracemalloc.get_traced_memory()[1] if args.tracemalloc else None
         tracemalloc.stop()
@@ -248,6 +251,7 @@ def child(mode: Mode, n: int, args: argparse.Namespace) -> Measured:
         wall_s=outcome.wall_s,
         stage_wall_s=outcome.stage_wall_s,
         cpu_s=cpu,
+        loop_cpu_s=loop_cpu,
         rss_before_kib=rss_before,
         rss_peak_kib=rss_peak,
         traced_peak_bytes=traced,
@@ -300,6 +304,7 @@ class Row:
     overhead_us: float  # (wall - ideal) * concurrency / N
     stage_wall_s: float | None
     cpu_us: float  # CPU time per instance
+    loop_us: float  # CPU time of the event loop's thread per instance
     rss_peak_mib: float
     rss_run_mib: float  # peak RSS minus the RSS before the run
     traced_peak_mib: float | None
@@ -321,6 +326,7 @@ def summarize(mode: Mode, n: int, ideal: float, runs: list[Measured], concurrenc
         overhead_us=(wall - ideal) * concurrency / n * 1e6,
         stage_wall_s=statistics.median(stages) if stages else None,
         cpu_us=statistics.median(r.cpu_s for r in runs) / n * 1e6,
+        loop_us=statistics.median(r.loop_cpu_s for r in runs) / n * 1e6,
         rss_peak_mib=statistics.median(r.rss_peak_kib for r in runs) / 1024,
         rss_run_mib=statistics.median(r.rss_peak_kib - r.rss_before_kib for r in runs) / 1024,
         traced_peak_mib=None,
@@ -375,9 +381,10 @@ def print_table(env: dict[str, Any], args: argparse.Namespace, rows: list[Row]) 
     print()
     header = (
         f"{'N':>7}  {'run':<19}{'wall s':>8}{'(min-max)':>16}{'ideal s':>9}{'ratio':>8}"
-        f"{'overhead':>10}{'CPU':>9}{'stage s':>9}{'peak RSS':>10}{'of which run':>14}"
+        f"{'overhead':>10}{'CPU':>9}{'loop':>9}{'stage s':>9}{'peak RSS':>10}{'of which run':>14}"
     )
     units = f"{'':>7}  {'':<19}{'':>8}{'':>16}{'':>9}{'':>8}{'µs/inst':>10}{'µs/inst':>9}"
+    units += f"{'µs/inst':>9}"
     units += f"{'':>9}{'MiB':>10}{'MiB':>14}"
     print(header)
     print(units)
@@ -387,6 +394,7 @@ def print_table(env: dict[str, Any], args: argparse.Namespace, rows: list[Row]) 
         print(
             f"{row.n:>7,}  {LABELS[cast(Mode, row.mode)]:<19}{row.wall_s:>8.3f}{spread:>16}"
             f"{row.ideal_s:>9.3f}{row.ratio:>7.3f}x{row.overhead_us:>10.0f}{row.cpu_us:>9.0f}"
+            f"{row.loop_us:>9.0f}"
             f"{stage:>9}{row.rss_peak_mib:>10.1f}{row.rss_run_mib:>14.1f}"
         )
     print()
@@ -417,6 +425,10 @@ def print_table(env: dict[str, Any], args: argparse.Namespace, rows: list[Row]) 
     print("ratio    = wall / ideal makespan of a perfect greedy scheduler (same slots, same order)")
     print("overhead = (wall - ideal) * concurrency / N: extra time each instance held a slot")
     print("CPU      = CPU time of the whole process (every thread, user + system) / N")
+    print(
+        "loop     = CPU time of the event loop's thread / N: it keeps up while this stays "
+        "well below mean latency / concurrency"
+    )
     print("stage s  = the stage alone, from phalanx's StageResult: no planning, no teardown")
     print("peak RSS = ru_maxrss of the run's own process; 'of which run' = growth during the run")
 

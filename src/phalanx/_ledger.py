@@ -6,7 +6,8 @@ One SQLite file per project, ``<project>/.phalanx/ledger.db``, in WAL mode so th
 Writes come from the event loop, thousands of times a second, so a write method only puts a
 small tuple on a queue and returns: no JSON encoding, no SQL on the caller's thread. One daemon
 writer thread owns the write connection; it takes whatever is queued (up to :data:`_BATCH`
-items), executes all of it in one transaction and commits. :meth:`Ledger.flush` waits until
+items) and records all of it in one transaction, the per-instance writes merged per row and
+written with a few multi-row statements (:class:`_Merged`). :meth:`Ledger.flush` waits until
 everything queued before it is committed; a write that failed in the writer thread is raised,
 as a :class:`LedgerError`, from the next :meth:`~Ledger.flush` or :meth:`~Ledger.close`.
 Mappings (options, usage, data, summary) are encoded as JSON in the writer thread, so pass ones

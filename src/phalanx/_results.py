@@ -163,7 +163,12 @@ class StageResult:
 
     @property
     def usage(self) -> Usage:
-        return _total(inst.usage for inst in self.instances)
+        # Instances none of whose attempts spent anything add nothing: skip them unsummed.
+        return _total(
+            inst.usage
+            for inst in self.instances
+            if any(attempt.usage is not None for attempt in inst.attempts)
+        )
 
     def slowest(self, n: int = 5) -> list[InstanceResult]:
         ran = [inst for inst in self.instances if inst.attempts]

@@ -755,7 +755,8 @@ class _Run:
 
     def _ended(self, result: InstanceResult) -> InstanceResult:
         self._recorded(result)
-        self.emit(InstanceEnded(result))
+        if self.on_event is not None:  # not in the ledger's event log: skip building it
+            self.emit(InstanceEnded(result))
         if result.stage in self.finished:
             self.ended_keys.setdefault(result.stage, set()).add(result.key)
             if result.status in ("failed", "skipped"):
@@ -817,17 +818,22 @@ class _Run:
                 [(ref.stage, ref.key, self._digest(ref)) for ref in inputs],
                 missing,
             )
-            verdict = self._verdict(state, inst, print_, failed_before.get(inst.key))
-            verdicts[inst.key] = replace(
-                verdict, inputs=inputs, missing=missing, first=first.get(inst.key, 0) + 1
+            outcome, digest, stale = self._verdict(
+                state, inst, print_, failed_before.get(inst.key)
+            )
+            verdicts[inst.key] = _Verdict(
+                print_, outcome, digest, first.get(inst.key, 0) + 1, stale, inputs, missing
             )
         return verdicts
 
     def _verdict(
         self, state: _StageState, inst: InstancePlan, print_: str, failed: OutcomeRow | None
-    ) -> _Verdict:
+    ) -> tuple[InstanceResult | None, str | None, str | None]:
+        """``(outcome, digest, stale)``: the outcome of an instance that need not run (with
+        its output's digest when that is current), or why its committed output no longer
+        counts."""
         if state.force:
-            return _Verdict(print_)
+            return None, None, None
         manifest = read_manifest(inst.output)
         stale = None
         if manifest is not None and manifest.fingerprint == print_:
@@ -842,7 +848,7 @@ class _Run:
                 outcome = InstanceResult(
                     inst.stage, inst.key, status, inst.output, message=message, fingerprint=print_
                 )
-                return _Verdict(print_, outcome, manifest.digest)
+                return outcome, manifest.digest, None
         if failed is not None and failed.fingerprint == print_ and failed.cause != "fatal":
             outcome = InstanceResult(
                 inst.stage,
@@ -856,8 +862,8 @@ class _Run:
                 ),
                 fingerprint=print_,
             )
-            return _Verdict(print_, outcome)
-        return _Verdict(print_, stale=stale)
+            return outcome, None, None
+        return None, None, stale
 
     def _digest(self, ref: InputRef) -> str:
         """The content digest of an upstream output this run reads."""
@@ -1365,7 +1371,8 @@ class _Run:
         ctx = self._context(
             state, inst, attempt, staging, verdict.inputs, verdict.missing, feedback
         )
-        self.emit(AttemptStarted(stage.name, inst.key, attempt))
+        if self.on_event is not None:  # not in the ledger's event log: skip building it
+            self.emit(AttemptStarted(stage.name, inst.key, attempt))
         wall = time.time()
         started = time.monotonic()
         self._ledger_attempt(ctx, verdict.fingerprint)
@@ -1430,7 +1437,8 @@ class _Run:
     ) -> None:
         """Record an instance whose attempt ``attempt`` committed; cancel its twin, if any."""
         stage, inst = state.plan, live.inst
-        self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
+        if self.on_event is not None:  # a success is not in the ledger's event log
+            self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
         self._succeeded(state, duration)
         if backup:
             state.backups_won += 1
