@@ -7,7 +7,9 @@ It holds three things.
 - Conversation slots: an attempt holds one for its whole conversation, so the lane's limit is
   the number of conversations in flight. With ``auto`` the limit adapts (AIMD, like TCP's
   congestion window): it starts low, grows while the provider accepts every call and the lane
-  is saturated, and halves when the provider refuses one (429, 529, 503) or a call times out.
+  is saturated, and comes down when the provider refuses one (429, 529, 503: to what the
+  provider was seen to accept, by at least a tenth and at most half) or a call times out
+  (by half).
   Without ``auto`` it is a fixed slot count, for local servers (vLLM, Ollama) that queue
   requests instead of refusing them and so never say when to slow down.
 - A pause: after a refusal every call waits for the provider's ``retry-after`` (or the reset of
@@ -355,6 +357,7 @@ class _Ticket:
     seq: int
     estimate: int
     window: int
+    waited: bool = False  # it waited in line, for a pause or for the buckets
 
 
 class _Waiter:
@@ -382,10 +385,12 @@ class Lane:
     With ``auto`` the limit starts at ``min(start, ceiling)``. Each call that succeeds while
     the lane is saturated (every slot of the current limit in use) raises it: by one per call
     until the first cut (slow start, doubling per round trip), then by ``1/limit`` per call
-    (about one per round trip). A refusal or a call timeout halves it (never below 1), once per
-    window: refusals of calls sent before the last cut say nothing about the new limit, so they
-    do not cut again. ``ceiling`` (the configured maximum) caps it. Without ``auto`` the
-    slot count is ``ceiling``, fixed.
+    (about one per round trip). A refusal cuts it to the number of calls the provider was
+    seen to accept (sent before the refused one and still in flight), by at least a tenth and
+    at most half; a call timeout halves it. Never below 1, and once per window: refusals of
+    calls sent before the last cut say nothing about the new limit, so they do not cut again.
+    ``ceiling`` (the configured maximum) caps it. Without ``auto`` the slot count is
+    ``ceiling``, fixed.
 
     A refusal costs far more than a round trip (the whole lane waits out ``retry-after``), so
     the lane remembers the slot count that was refused and grows back only to one below it.
@@ -540,7 +545,12 @@ class Lane:
         if limit > self._limit:
             self._move(limit, "increase")
 
-    def _decrease(self, ticket: _Ticket) -> None:
+    def _decrease(self, ticket: _Ticket, *, refused: bool = False) -> None:
+        """Cut the limit after a call timed out (by half) or was ``refused``: then to the
+        number of this lane's calls the provider was seen to accept (those sent before the
+        refused one and still in flight), by at least a tenth and at most half. Halving a
+        hard concurrency cap would leave up to half of it unused for the many round trips the
+        additive increase takes to climb back, each refusal."""
         if not self.auto or ticket.window != self._window:
             return
         self._window += 1
@@ -550,7 +560,11 @@ class Lane:
             self._probe_wait = min(self._max_probe, self._probe_wait * 2)
         self._refused_at = level
         self._probe_after = self.clock.now() + self._probe_wait
-        self._move(max(1.0, self._limit * 0.5), "decrease")
+        target = self._limit * 0.5
+        if refused:
+            accepted = sum(1 for seq in self._in_flight if seq < ticket.seq)
+            target = max(target, min(self._limit * 0.9, float(accepted)))
+        self._move(max(1.0, target), "decrease")
 
     def _pause(self, seconds: float) -> None:
         if seconds <= 0.0:
@@ -588,10 +602,12 @@ class Lane:
             if self._napping_until is not None:
                 waiter.report_until(self._napping_until)
         self._queue.append(waiter)
+        waited = waiter.turn is not None
         try:
             if waiter.turn is not None:
                 await waiter.turn
             while (wait := self._wait(estimate, now := self.clock.now())) > 0.0:
+                waited = True
                 self._napping_until = now + wait
                 for queued in self._queue:
                     queued.report_until(now + wait)
@@ -602,7 +618,9 @@ class Lane:
                     now = self.clock.now()
                     for queued in self._queue:
                         queued.report_until(now)
-            return self._reserve(estimate, now)
+            ticket = self._reserve(estimate, now)
+            ticket.waited = waited
+            return ticket
         finally:
             head = self._queue[0] is waiter
             self._queue.remove(waiter)
@@ -676,7 +694,7 @@ class Lane:
         self._rejections += 1
         headers = error.headers or {}
         self._settle(ticket, 0, headers)
-        self._decrease(ticket)
+        self._decrease(ticket, refused=True)
         pause = error.retry_after
         if pause is None:
             needs = {"requests": 1, "tokens": ticket.estimate}
@@ -725,5 +743,9 @@ class _LaneGate(Gate):
                     lane._decrease(ticket)
                 raise
             lane._settle(ticket, sent.tokens, sent.headers)
-            lane._increase()
+            if not ticket.waited:
+                # A call that waited for the buckets or a pause was held back by the rate
+                # limit, not by the concurrency limit: its success says nothing about more
+                # conversations at once, and growing on it would license a burst later.
+                lane._increase()
             return sent.value

@@ -818,9 +818,7 @@ class _Run:
                 [(ref.stage, ref.key, self._digest(ref)) for ref in inputs],
                 missing,
             )
-            outcome, digest, stale = self._verdict(
-                state, inst, print_, failed_before.get(inst.key)
-            )
+            outcome, digest, stale = self._verdict(state, inst, print_, failed_before.get(inst.key))
             verdicts[inst.key] = _Verdict(
                 print_, outcome, digest, first.get(inst.key, 0) + 1, stale, inputs, missing
             )

@@ -58,12 +58,13 @@ def _project(root: Path, api: str, url: str, n: int) -> Path:
 def test_auto_backs_off_on_429_and_loses_nothing(
     tmp_path: Path, api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """30 two-turn agents, a server that answers 429 (retry-after: 1) past 3 requests in
-    flight, and no retries allowed: every instance commits on its first attempt, because a
-    refused call is re-sent by the lane, and the lane both grew (slow start) and was cut."""
+    """30 two-turn agents, a server that answers 429 (retry-after: 1) past 6 requests in
+    flight (above the lane's start of 4, so slow start must grow to find it), and no retries
+    allowed: every instance commits on its first attempt, because a refused call is re-sent by
+    the lane, and the lane both grew (slow start) and was cut."""
     monkeypatch.setenv("LOOPBACK_KEY", "test-key")
     events: list[Event] = []
-    server = LoopbackLLM(max_concurrency=3, latency=0.02)
+    server = LoopbackLLM(max_concurrency=6, latency=0.02)
 
     async def go() -> RunResult:
         async with server:

@@ -262,6 +262,30 @@ def test_the_limit_halves_on_a_refusal_then_grows_back_slow_start_then_additive(
     ]
 
 
+def test_a_refusal_cuts_to_what_the_provider_accepted_by_a_tenth_to_a_half() -> None:
+    """The calls sent before a refused one and still in flight were accepted: the provider
+    took that many at once, so the limit comes down to their number. It comes down by half
+    when fewer were accepted, and by a tenth even when nearly all were. (Halving a hard cap of
+    50 each time it is found again leaves a quarter of it unused on average.)"""
+
+    async def main(clock: FakeClock) -> list[float]:
+        limits = []
+        for accepted in (4, 10, 15):
+            lane = Lane("p m", auto=True, ceiling=64, start=16, clock=clock)
+
+            async def held(lane: Lane = lane) -> str:
+                return await lane.gate().request(_script([ok()], clock, latency=5.0), estimate=1)
+
+            tasks = [asyncio.ensure_future(held()) for _ in range(accepted)]
+            await clock.sleep(0.1)  # all of them sent, none answered yet
+            assert await lane.gate().request(_script([refusal(), ok()]), estimate=1) == "ok"
+            limits.append(lane.limit)
+            assert await asyncio.gather(*tasks) == ["ok"] * accepted
+        return limits
+
+    assert simulate(main) == [8.0, 10.0, pytest.approx(14.4)]
+
+
 def test_the_limit_grows_only_while_the_lane_is_saturated() -> None:
     """Successes while slots are left unused do not raise the limit: it would only license a
     burst later."""
@@ -274,6 +298,32 @@ def test_the_limit_grows_only_while_the_lane_is_saturated() -> None:
         return lane.limit
 
     assert simulate(main) == 4.0
+
+
+def test_calls_held_back_by_the_buckets_do_not_grow_the_limit() -> None:
+    """Conversations queued at an empty requests bucket fill the slots, but what holds them
+    back is the rate limit: their successes must not raise the concurrency limit, or the lane
+    would send a burst of that size once the bucket refills."""
+    empty = {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1s",
+    }
+
+    async def main(clock: FakeClock) -> tuple[float, float]:
+        lane = Lane("p m", auto=True, ceiling=64, start=4, clock=clock)
+        await saturate(lane)
+        gate = lane.gate()
+        await gate.request(_returns(ok(headers=empty)), estimate=1)  # grows: it did not wait
+        grown = lane.limit
+        await saturate(lane)
+        for _ in range(5):  # each waits about a second for the bucket
+            await gate.request(_returns(ok(headers=empty)), estimate=1)
+        return grown, lane.limit
+
+    grown, after = simulate(main)
+    assert grown == 5.0
+    assert after == grown
 
 
 def test_one_cut_per_window() -> None:
