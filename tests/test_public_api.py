@@ -10,7 +10,8 @@ import phalanx
 
 EXPECTED = {
     "AttemptEnded", "AttemptRecord", "AttemptStarted", "Backoff", "Blueprint", "BlueprintError",
-    "Budget", "BudgetReached", "LanePaused", "LimitChanged", "Speculate",
+    "Budget", "BudgetReached", "LanePaused", "LimitChanged", "Speculate", "EventLog",
+    "event_schema",
     "ConfinementError", "CycleError", "Event", "EventHandler", "ExpectSpec", "FatalError",
     "InputRef",
     "InstanceContext", "InstanceEnded", "InstanceError", "InstancePlan", "InstanceResult",

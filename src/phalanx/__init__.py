@@ -27,6 +27,7 @@ from ._errors import (
     UnknownPluginError,
     UsageError,
 )
+from ._eventlog import EventLog, event_schema
 from ._events import (
     AttemptEnded,
     AttemptStarted,
@@ -61,6 +62,7 @@ __all__ = [
     "CycleError",
     "Event",
     "EventHandler",
+    "EventLog",
     "ExpectSpec",
     "FatalError",
     "InputRef",
@@ -99,6 +101,7 @@ __all__ = [
     "UnknownPluginError",
     "Usage",
     "UsageError",
+    "event_schema",
     "fan_out",
     "load_blueprint",
     "load_partitions",

@@ -23,6 +23,8 @@ from . import _inspect
 from ._api import resume_plan, run_options
 from ._config import Budget
 from ._errors import UsageError
+from ._eventlog import EventLog
+from ._events import Event, EventHandler
 from ._pipeline import InstancePlan, Plan, StagePlan, load_pipeline, plan_pipeline
 from ._results import RunResult
 from ._scaffold import write_starter
@@ -106,6 +108,13 @@ def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+_events_option = click.option(
+    "--events",
+    metavar="FILE",
+    help="Append every event of the run to FILE as JSON Lines (schema: docs/events.md).",
+)
+
+
 def _limit(stage: StagePlan) -> str:
     return f"auto (up to {stage.concurrency})" if stage.auto else str(stage.concurrency)
 
@@ -130,6 +139,7 @@ def _limit(stage: StagePlan) -> str:
     help="Retry instances that failed before with the same inputs (skipped by default).",
 )
 @_budget_options
+@_events_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
 def run(
@@ -143,6 +153,7 @@ def run(
     rerun_failed: bool,
     budget_usd: float | None,
     budget_tokens: int | None,
+    events: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -169,7 +180,7 @@ def run(
         settings=_settings(settings),
     )
 
-    def start(handle: RunHandle, progress: Progress) -> Coroutine[Any, Any, RunResult]:
+    def start(handle: RunHandle, progress: EventHandler) -> Coroutine[Any, Any, RunResult]:
         return run_plan(
             plan,
             concurrency=concurrency,
@@ -182,7 +193,7 @@ def run(
             budget=_budget(budget_usd, budget_tokens),
         )
 
-    _finish(_execute(start, quiet), as_json)
+    _finish(_execute(start, quiet, events), as_json)
 
 
 @cli.command()
@@ -197,6 +208,7 @@ def run(
 )
 @_set_option
 @_budget_options
+@_events_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
 def resume(
@@ -206,6 +218,7 @@ def resume(
     settings: tuple[str, ...],
     budget_usd: float | None,
     budget_tokens: int | None,
+    events: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -236,7 +249,7 @@ def resume(
         )
     concurrency = row.options.get("concurrency")
 
-    def start(handle: RunHandle, progress: Progress) -> Coroutine[Any, Any, RunResult]:
+    def start(handle: RunHandle, progress: EventHandler) -> Coroutine[Any, Any, RunResult]:
         return run_plan(
             plan,
             run_id=row.id,
@@ -249,7 +262,7 @@ def resume(
             budget=_budget(budget_usd, budget_tokens),
         )
 
-    _finish(_execute(start, quiet), as_json)
+    _finish(_execute(start, quiet, events), as_json)
 
 
 def _budget(usd: float | None, tokens: int | None) -> Budget | None:
@@ -257,15 +270,35 @@ def _budget(usd: float | None, tokens: int | None) -> Budget | None:
 
 
 def _execute(
-    start: Callable[[RunHandle, Progress], Coroutine[Any, Any, RunResult]], quiet: bool
+    start: Callable[[RunHandle, EventHandler], Coroutine[Any, Any, RunResult]],
+    quiet: bool,
+    events: str | None = None,
 ) -> RunResult:
     live = sys.stderr.isatty() and not quiet
     progress = Progress(sys.stderr, live=live)
+    log = None
+    if events is not None:
+        try:
+            log = EventLog(events)
+        except OSError as exc:
+            _fail(UsageError(f"--events {events}: cannot write the event stream there ({exc})"))
+    handler: EventHandler = progress if log is None else _both(progress, log)
     try:
         with progress:
-            return asyncio.run(_run(start, progress))
+            return asyncio.run(_run(start, handler))
     except UsageError as exc:
         _fail(exc)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _both(first: EventHandler, second: EventHandler) -> EventHandler:
+    def handler(event: Event) -> None:
+        first(event)
+        second(event)
+
+    return handler
 
 
 def _finish(result: RunResult, as_json: bool) -> NoReturn:
@@ -291,7 +324,8 @@ def _finish(result: RunResult, as_json: bool) -> NoReturn:
 
 
 async def _run(
-    start: Callable[[RunHandle, Progress], Coroutine[Any, Any, RunResult]], progress: Progress
+    start: Callable[[RunHandle, EventHandler], Coroutine[Any, Any, RunResult]],
+    progress: EventHandler,
 ) -> RunResult:
     handle = RunHandle()
     loop = asyncio.get_running_loop()
