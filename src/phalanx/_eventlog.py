@@ -50,6 +50,7 @@ def event_record(event: Event, *, run: str, t: float) -> dict[str, Any]:
             "stage": event.stage,
             "total": event.total,
             "concurrency": event.concurrency,
+            "runner": event.runner,
         }
     if isinstance(event, AttemptStarted):
         return base | {
@@ -196,7 +197,7 @@ EVENT_SCHEMA: Final[dict[str, Any]] = {
         ),
         _record(
             "stage_started",
-            {"stage": _STR, "total": _INT, "concurrency": _INT},
+            {"stage": _STR, "total": _INT, "concurrency": _INT, "runner": _STR},
             ["stage", "total", "concurrency"],
         ),
         _record("attempt_started", _WHERE, ["stage", "key", "attempt"]),

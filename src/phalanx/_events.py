@@ -40,9 +40,13 @@ class RunStarted:
 
 @dataclass(frozen=True)
 class StageStarted:
+    """``concurrency`` is the stage's limit (an adaptive stage's ceiling); ``runner`` the type
+    of its runner (``python``, ``command``, ``anthropic``...)."""
+
     stage: str
     total: int
     concurrency: int
+    runner: str = ""
 
 
 @dataclass(frozen=True)

@@ -674,7 +674,7 @@ class _Run:
 
     async def _run_stage(self, state: _StageState, *, streaming: bool = False) -> StageResult:
         stage = state.plan
-        self.emit(StageStarted(stage.name, len(stage.instances), state.limit))
+        self.emit(StageStarted(stage.name, len(stage.instances), state.limit, stage.runner.type))
         if self.ledger is not None:
             self.ledger.stage_started(
                 self.run_id,

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
@@ -99,6 +99,9 @@ class Progress:
         self.rows: dict[str, _Row] = {}
         self.usage = Usage()
         self.lanes: dict[str, int] = {}
+        # Attempts in flight: (stage, key) -> (attempt, start); each stage's runner type.
+        self.inflight: dict[tuple[str, str], tuple[int, float]] = {}
+        self.runners: dict[str, str] = {}
         self.started = time.monotonic()
         self._live: Live | None = None
         self._lane_line = 0.0
@@ -106,14 +109,18 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.live_mode:
             self._live = Live(
-                self._table(), console=self.console, refresh_per_second=4, transient=False
+                console=self.console,
+                refresh_per_second=4,
+                transient=False,
+                get_renderable=self._view,  # redrawn four times a second: elapsed times move
             )
             self._live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
-            self._live.update(self._table())
+            self.inflight.clear()
+            self._live.refresh()
             self._live.__exit__(None, None, None)
             self._live = None
 
@@ -135,17 +142,20 @@ class Progress:
             row = self.rows[event.stage]
             row.total, row.started, row.status = event.total, now, "running"
             row.concurrency = event.concurrency
+            self.runners[event.stage] = event.runner
             if not self.live_mode:
                 self._print(
                     f"stage {event.stage}: {event.total} instances, concurrency {event.concurrency}"
                 )
         elif isinstance(event, AttemptStarted):
+            self.inflight[event.stage, event.key] = (event.attempt, now)
             row = self.rows[event.stage]
             row.running += 1
             if event.key in row.keys_retrying:
                 row.keys_retrying.discard(event.key)
                 row.retrying -= 1
         elif isinstance(event, AttemptEnded):
+            self.inflight.pop((event.stage, event.key), None)
             row = self.rows[event.stage]
             row.running -= 1
             if event.cause is not None:
@@ -186,8 +196,6 @@ class Progress:
             self._print("run stopped: in-flight attempts cancelled, committed outputs kept")
         elif isinstance(event, LimitChanged | LanePaused | BudgetReached):
             self._limits(event, now)
-        if self._live is not None:
-            self._live.update(self._table())
 
     def _limits(self, event: LimitChanged | LanePaused | BudgetReached, now: float) -> None:
         """Budgets and ``phalanx tune`` changes are always told; a lane's moves are shown
@@ -243,6 +251,36 @@ class Progress:
                 f"  {row.name}: {row.done}/{row.total} done, {row.committed} committed, "
                 f"{row.failed} failed, {row.running} running, ETA {row.eta()}"
             )
+
+    def _view(self) -> Group:
+        """What the terminal shows: the stages, then the longest-running attempts in flight."""
+        parts: list[Table] = [self._table()]
+        if self.inflight:
+            parts.append(self.inflight_table())
+        return Group(*parts)
+
+    def inflight_table(self, now: float | None = None, limit: int = 8) -> Table:
+        """The ``limit`` attempts in flight that have run longest: where a stuck agent shows."""
+        now = time.monotonic() if now is None else now
+        oldest = sorted(self.inflight.items(), key=lambda item: item[1][1])[:limit]
+        more = len(self.inflight) - len(oldest)
+        table = Table(
+            box=None,
+            pad_edge=False,
+            header_style="bold",
+            title=f"in flight: {len(self.inflight)}, longest running first"
+            + (f" ({more} more)" if more else ""),
+            title_justify="left",
+        )
+        for column in ("stage", "key", "attempt", "elapsed", "runner"):
+            table.add_column(
+                column, justify="right" if column in ("attempt", "elapsed") else "left"
+            )
+        for (stage, key), (attempt, started) in oldest:
+            table.add_row(
+                stage, key, str(attempt), _clock(now - started), self.runners.get(stage, "")
+            )
+        return table
 
     def _table(self) -> Table:
         lines = [self.usage.describe()] if self.usage else []
