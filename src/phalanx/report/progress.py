@@ -254,7 +254,7 @@ class Progress:
 
     def _view(self) -> Group:
         """What the terminal shows: the stages, then the longest-running attempts in flight."""
-        parts: list[Table] = [self._table()]
+        parts: list[Table] = [self._table()]  # called from rich's refresh thread: see below
         if self.inflight:
             parts.append(self.inflight_table())
         return Group(*parts)
@@ -262,13 +262,16 @@ class Progress:
     def inflight_table(self, now: float | None = None, limit: int = 8) -> Table:
         """The ``limit`` attempts in flight that have run longest: where a stuck agent shows."""
         now = time.monotonic() if now is None else now
-        oldest = sorted(self.inflight.items(), key=lambda item: item[1][1])[:limit]
-        more = len(self.inflight) - len(oldest)
+        # Drawn from rich's refresh thread while the loop changes the dict: copy it in one
+        # step (list() of a dict view runs under the GIL without yielding).
+        inflight = list(self.inflight.items())
+        oldest = sorted(inflight, key=lambda item: item[1][1])[:limit]
+        more = len(inflight) - len(oldest)
         table = Table(
             box=None,
             pad_edge=False,
             header_style="bold",
-            title=f"in flight: {len(self.inflight)}, longest running first"
+            title=f"in flight: {len(inflight)}, longest running first"
             + (f" ({more} more)" if more else ""),
             title_justify="left",
         )
@@ -308,7 +311,7 @@ class Progress:
             "ETA",
         ):
             table.add_column(column, justify="left" if column == "stage" else "right")
-        for row in self.rows.values():
+        for row in list(self.rows.values()):
             style = {"missed": "red", "done": "green", "waiting": "dim"}.get(row.status, "")
             table.add_row(
                 row.name,
