@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -308,12 +309,30 @@ def _run_json(run: RunRow) -> dict[str, object]:
 @click.command()
 @click.argument("run_ref", metavar="[RUN]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Keep showing the status until the run ends (a run started elsewhere).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between two looks at the ledger, with --watch.",
+)
 @_project_option
-def status(run_ref: str | None, as_json: bool, project: Path | None) -> None:
+def status(
+    run_ref: str | None, as_json: bool, watch: bool, interval: float, project: Path | None
+) -> None:
     """Show how far RUN got, per stage, and why its instances failed.
 
-    RUN is a run id, a unique prefix of one, or "latest" (the default).
+    RUN is a run id, a unique prefix of one, or "latest" (the default). With --watch the view
+    follows the run from the ledger, redrawn in place on a terminal (elsewhere printed again
+    whenever it changes), until the run is no longer running.
     """
+    if watch and as_json:
+        _fail(UsageError("--watch draws the status as it changes; it does not mix with --json"))
     with _ledger(project) as (ledger, _):
         try:
             run = _run(ledger, run_ref)
@@ -321,6 +340,9 @@ def status(run_ref: str | None, as_json: bool, project: Path | None) -> None:
             _fail(exc)
         lines = _stage_lines(ledger, run.id)
         groups = _failure_groups(ledger, run.id, lines)
+        if watch:
+            _watch(ledger, run, interval)
+            return
     if as_json:
         _emit_json(
             {
@@ -330,16 +352,47 @@ def status(run_ref: str | None, as_json: bool, project: Path | None) -> None:
             }
         )
         return
+    _console().print(_status_view(run, lines, groups))
+
+
+def _watch(ledger: Ledger, run: RunRow, interval: float) -> None:
+    """Redraw the status of ``run`` every ``interval`` seconds while it runs."""
     console = _console()
+
+    def look() -> tuple[RunRow, Group, str]:
+        current = ledger.get_run(run.id) or run
+        lines = _stage_lines(ledger, current.id)
+        groups = _failure_groups(ledger, current.id, lines)
+        key = json.dumps([line.to_json() for line in lines]) + current.state
+        return current, _status_view(current, lines, groups), key
+
+    current, view, shown = look()
+    if console.is_terminal:
+        with Live(view, console=console, auto_refresh=False) as live:
+            while current.state == "running":
+                time.sleep(interval)
+                current, view, _ = look()
+                live.update(view, refresh=True)
+        return
+    console.print(view)
+    while current.state == "running":
+        time.sleep(interval)
+        current, view, key = look()
+        if key != shown:  # a log or a pipe gets a new view only when something changed
+            shown = key
+            console.print(view)
+
+
+def _status_view(run: RunRow, lines: list[_StageLine], groups: list[_FailureGroup]) -> Group:
     header = Text.assemble("run ", (run.id, "bold"), f"  pipeline {run.pipeline}  state ")
     header.append_text(_state(run))
-    console.print(header)
     ended = f"ended {_when(run.ended)}" if run.ended is not None else "not ended"
-    console.print(
-        f"started {_when(run.started)} · {ended} · wall {_duration(_wall_s(run))}", markup=False
-    )
+    parts: list[RenderableType] = [
+        header,
+        Text(f"started {_when(run.started)} · {ended} · wall {_duration(_wall_s(run))}"),
+    ]
     if not lines:
-        console.print("no stage has started yet")
+        parts.append(Text("no stage has started yet"))
     else:
         table = Table(box=None)
         for column in ("stage", "total", *_COUNTED, "pending", "status"):
@@ -352,15 +405,16 @@ def status(run_ref: str | None, as_json: bool, project: Path | None) -> None:
                 str(line.pending),
                 Text(line.status),
             )
-        console.print(table)
+        parts.append(table)
     if groups:
-        console.print("failures:")
+        parts.append(Text("failures:"))
     for group in groups:
-        console.print(f"  {group.stage} · {group.cause}: {group.count}", markup=False)
+        parts.append(Text(f"  {group.stage} · {group.cause}: {group.count}"))
         for key, message in group.examples:
-            console.print(f"    {key}: {_first_line(message)}", markup=False)
+            parts.append(Text(f"    {key}: {_first_line(message)}"))
         if group.count > len(group.examples):
-            console.print(f"    ... and {group.count - len(group.examples)} more", markup=False)
+            parts.append(Text(f"    ... and {group.count - len(group.examples)} more"))
+    return Group(*parts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import pytest
@@ -17,6 +20,9 @@ from click.testing import CliRunner, Result
 
 from phalanx._inspect import register
 from phalanx._ledger import InstanceStatus, SQLiteLedger, open_ledger
+
+if TYPE_CHECKING:
+    from tests.conftest import ProjectFactory
 
 T0 = 1_700_000_000.0
 OLD = "20250101T100000Z-aaaaaa"
@@ -378,3 +384,43 @@ def test_status_of_100000_instances_is_quick(tmp_path: Path) -> None:
         parts = ("committed", "cached", "running", "failed", "skipped", "pending")
         assert sum(stage[name] for name in parts) == stage["total"]
         assert sum(stage["causes"].values()) == stage["failed"]
+
+
+def test_status_watch_follows_a_run_started_elsewhere_to_its_end(
+    make_project: ProjectFactory,
+) -> None:
+    """``status --watch`` on a run another process is running: it prints the view again as
+    instances commit (off a terminal: only when something changed) and returns once the run
+    has ended, its last view showing every instance committed and the run ok."""
+    runner = make_project.runner("--delay", "0.3", "slow")
+    project = make_project(make_project.one_stage(runner, ["a", "b", "c"], concurrency=1))
+    process = project.start("run", "pipeline.yaml", "--quiet")
+    ledger = project.root / ".phalanx" / "ledger.db"
+
+    def recorded() -> bool:  # the run's row is flushed just after the ledger file appears
+        if not ledger.exists():
+            return False
+        with sqlite3.connect(ledger) as db:
+            try:
+                return bool(db.execute("SELECT count(*) FROM runs").fetchone()[0])
+            except sqlite3.OperationalError:  # the schema is being created
+                return False
+
+    project.wait_until(recorded, what="the run's row in the ledger")
+    watched = project.cli("status", "--watch", "--interval", "0.1", timeout=120)
+    assert process.wait(timeout=60) == 0
+    assert watched.returncode == 0, watched.stderr
+    views = watched.stdout.split("run 2")[1:]  # each view starts with its run id
+    assert len(views) >= 2
+    final = views[-1]
+    assert "state ok" in final
+    assert re.search(r"\n\s*s\s+3\s+3\s+0\s+0\s+0\s+0\s+0\s+done", final), final
+    assert len(set(views)) == len(views)  # a view is printed again only when it changed
+
+
+def test_status_watch_does_not_mix_with_json(make_project: ProjectFactory) -> None:
+    project = make_project(make_project.one_stage(make_project.runner("write"), ["a"]))
+    assert project.cli("run", "pipeline.yaml", "--quiet").returncode == 0
+    refused = project.cli("status", "--watch", "--json")
+    assert refused.returncode == 2
+    assert "--watch" in refused.stderr
