@@ -76,7 +76,7 @@ class ResourceGuard:
         self.clock = clock
         self.interval = interval
         self.running = 0
-        self.waited = 0  # admissions that had to wait, for the stage summary
+        self.waited = 0  # admissions that had to wait
         self._reading: tuple[float, float] | None = None
         self._read_at = float("-inf")
 

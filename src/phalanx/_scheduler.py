@@ -198,7 +198,10 @@ def _cohort(state: _StageState, floor: int) -> int:
     The first to finish are the quickest of the attempts that started together, so a
     percentile of a few of them is far too low: wait for about one slot's worth (the stage's
     limit), but no more than half the stage, and never fewer than ``floor``."""
-    return max(floor, min(state.limit, len(state.plan.instances) // 2))
+    slots = state.limit
+    if state.lane is not None and state.lane.auto:
+        slots = min(slots, math.floor(state.lane.limit))  # an adaptive stage: what runs now
+    return max(floor, min(slots, len(state.plan.instances) // 2))
 
 
 @dataclass(eq=False)
