@@ -31,7 +31,7 @@ def test_all_is_exactly_the_public_names() -> None:
     assert phalanx.__all__ == sorted(phalanx.__all__)
     assert set(phalanx.__all__) == EXPECTED
     public = {name for name in vars(phalanx) if not name.startswith("_")}
-    modules = {"runners", "report", "cli", "testing"}
+    modules = {"runners", "report", "cli", "testing", "otel"}
     assert public - modules == EXPECTED
 
 

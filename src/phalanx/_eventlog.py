@@ -70,6 +70,7 @@ def event_record(event: Event, *, run: str, t: float) -> dict[str, Any]:
             "cause": event.cause,
             "message": event.message,
             "retry_in": None if event.retry_in is None else round(event.retry_in, 6),
+            "usage": event.usage.to_json() if event.usage else None,
         }
     if isinstance(event, InstanceEnded):
         result = event.result
@@ -179,6 +180,7 @@ _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
 _NUM = {"type": "number", "minimum": 0}
 _OPT_STR = {"type": ["string", "null"]}
+_USAGE = {"type": ["object", "null"], "additionalProperties": {"type": "number"}}
 _WHERE = {"stage": _STR, "key": _STR, "attempt": {"type": "integer", "minimum": 1}}
 
 EVENT_SCHEMA: Final[dict[str, Any]] = {
@@ -210,6 +212,7 @@ EVENT_SCHEMA: Final[dict[str, Any]] = {
                 "cause": _OPT_STR,
                 "message": _STR,
                 "retry_in": {"type": ["number", "null"], "minimum": 0},
+                "usage": _USAGE,
             },
             ["stage", "key", "attempt", "outcome", "duration_s", "cause", "retry_in"],
         ),
@@ -224,10 +227,7 @@ EVENT_SCHEMA: Final[dict[str, Any]] = {
                 "message": _STR,
                 "attempts": _INT,
                 "duration_s": _NUM,
-                "usage": {
-                    "type": ["object", "null"],
-                    "additionalProperties": {"type": "number"},
-                },
+                "usage": _USAGE,
             },
             ["stage", "key", "status", "attempts", "duration_s"],
         ),

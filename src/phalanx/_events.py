@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._results import InstanceResult, StageResult
+from ._usage import Usage
 
 __all__ = [
     "AttemptEnded",
@@ -59,7 +60,8 @@ class AttemptStarted:
 @dataclass(frozen=True)
 class AttemptEnded:
     """``cause`` is ``None`` when the attempt committed. ``retry_in`` is the backoff before the
-    next attempt, or ``None`` when there will be none."""
+    next attempt, or ``None`` when there will be none. ``usage`` is what the attempt spent on
+    model calls, if anything."""
 
     stage: str
     key: str
@@ -68,6 +70,7 @@ class AttemptEnded:
     cause: str | None
     message: str
     retry_in: float | None
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True)

@@ -1219,6 +1219,7 @@ class _Run:
                         error.cause,
                         str(error),
                         None,
+                        live.attempts[-1].usage,
                     )
                 )
         finally:
@@ -1321,6 +1322,7 @@ class _Run:
                 error.cause,
                 str(error),
                 delay,
+                attempts[-1].usage,
             )
         )
         return delay
@@ -1439,7 +1441,8 @@ class _Run:
         """Record an instance whose attempt ``attempt`` committed; cancel its twin, if any."""
         stage, inst = state.plan, live.inst
         if self.on_event is not None:  # a success is not in the ledger's event log
-            self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None))
+            usage = live.attempts[-1].usage  # the record committed() has just added
+            self.emit(AttemptEnded(stage.name, inst.key, attempt, duration, None, "", None, usage))
         self._succeeded(state, duration)
         if backup:
             state.backups_won += 1

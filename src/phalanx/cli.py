@@ -108,6 +108,12 @@ def _budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+_otel_option = click.option(
+    "--otel",
+    is_flag=True,
+    help="Export the run as OpenTelemetry traces over OTLP/HTTP, to where the OTEL_EXPORTER_"
+    "OTLP_* variables say (needs pip install 'phalanx[otel]').",
+)
 _events_option = click.option(
     "--events",
     metavar="FILE",
@@ -140,6 +146,7 @@ def _limit(stage: StagePlan) -> str:
 )
 @_budget_options
 @_events_option
+@_otel_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
 def run(
@@ -154,6 +161,7 @@ def run(
     budget_usd: float | None,
     budget_tokens: int | None,
     events: str | None,
+    otel: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -193,7 +201,7 @@ def run(
             budget=_budget(budget_usd, budget_tokens),
         )
 
-    _finish(_execute(start, quiet, events), as_json)
+    _finish(_execute(start, quiet, events, otel), as_json)
 
 
 @cli.command()
@@ -209,6 +217,7 @@ def run(
 @_set_option
 @_budget_options
 @_events_option
+@_otel_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
 def resume(
@@ -219,6 +228,7 @@ def resume(
     budget_usd: float | None,
     budget_tokens: int | None,
     events: str | None,
+    otel: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -262,7 +272,7 @@ def resume(
             budget=_budget(budget_usd, budget_tokens),
         )
 
-    _finish(_execute(start, quiet, events), as_json)
+    _finish(_execute(start, quiet, events, otel), as_json)
 
 
 def _budget(usd: float | None, tokens: int | None) -> Budget | None:
@@ -273,30 +283,46 @@ def _execute(
     start: Callable[[RunHandle, EventHandler], Coroutine[Any, Any, RunResult]],
     quiet: bool,
     events: str | None = None,
+    otel: bool = False,
 ) -> RunResult:
     live = sys.stderr.isatty() and not quiet
     progress = Progress(sys.stderr, live=live)
+    handlers: list[EventHandler] = [progress]
     log = None
     if events is not None:
         try:
             log = EventLog(events)
         except OSError as exc:
             _fail(UsageError(f"--events {events}: cannot write the event stream there ({exc})"))
-    handler: EventHandler = progress if log is None else _both(progress, log)
+        handlers.append(log)
+    provider = None
+    if otel:
+        try:
+            from .otel import OTelHandler, otlp_provider  # noqa: PLC0415 - an optional extra
+
+            provider = otlp_provider()
+            handlers.append(OTelHandler(provider))
+        except UsageError as exc:
+            _fail(exc)
     try:
         with progress:
-            return asyncio.run(_run(start, handler))
+            return asyncio.run(_run(start, _all(handlers)))
     except UsageError as exc:
         _fail(exc)
     finally:
         if log is not None:
             log.close()
+        if provider is not None:
+            provider.shutdown()  # type: ignore[attr-defined]  # the SDK's: flushes the spans
 
 
-def _both(first: EventHandler, second: EventHandler) -> EventHandler:
+def _all(handlers: list[EventHandler]) -> EventHandler:
+    if len(handlers) == 1:
+        return handlers[0]
+
     def handler(event: Event) -> None:
-        first(event)
-        second(event)
+        for each in handlers:
+            each(event)
 
     return handler
 
