@@ -190,18 +190,7 @@ def serve(args: argparse.Namespace) -> None:
     else:
         server = LoopbackLLM(latency=args.latency, seed=args.seed)
 
-    async def run() -> float:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        async with server:
-            print(server.url, flush=True)
-            cpu = cpu_seconds()
-            await stop.wait()
-            return cpu_seconds() - cpu
-
-    cpu = asyncio.run(run())
+    cpu = asyncio.run(serve_until_stopped(server))
     counters = server.counters
     statuses: dict[str, int] = {}
     held = 0.0
@@ -219,6 +208,20 @@ def serve(args: argparse.Namespace) -> None:
         cpu_s=cpu,
     )
     print(json.dumps(asdict(summary)), flush=True)
+
+
+async def serve_until_stopped(server: Any) -> float:
+    """Start ``server`` (a :class:`phalanx.testing.LoopbackLLM`), print its URL as the first
+    stdout line, serve until SIGINT or SIGTERM; return the CPU seconds spent meanwhile."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        print(server.url, flush=True)
+        cpu = cpu_seconds()
+        await stop.wait()
+        return cpu_seconds() - cpu
 
 
 @dataclass
@@ -242,8 +245,22 @@ def loopback_server(args: argparse.Namespace) -> Iterator[tuple[str, list[Server
     ends."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve"]
     argv += ["--latency", str(args.latency), "--sigma", str(args.sigma), "--seed", str(args.seed)]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     stats: list[ServerStats] = []
+    with server_process(argv) as (url, last):
+        yield url, stats
+    if last:
+        stats.append(ServerStats(**json.loads(last[0])))
+
+
+@contextlib.contextmanager
+def server_process(argv: list[str]) -> Iterator[tuple[str, list[str]]]:
+    """Start a ``--serve`` process; yield its URL and a list that holds its last stdout line
+    (its report) once it has stopped cleanly.
+
+    The server gets SIGINT (and is killed if it has not stopped 10 s later) however the block
+    ends."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    last: list[str] = []
     try:
         pipe = cast(IO[str], process.stdout)  # set by stdout=PIPE
         with selectors.DefaultSelector() as selector:
@@ -253,7 +270,7 @@ def loopback_server(args: argparse.Namespace) -> Iterator[tuple[str, list[Server
         url = pipe.readline().strip()
         if not url.startswith("http://"):
             raise SystemExit(f"the loopback server did not print its URL (got {url!r})")
-        yield url, stats
+        yield url, last
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -264,7 +281,7 @@ def loopback_server(args: argparse.Namespace) -> Iterator[tuple[str, list[Server
             raise SystemExit("the loopback server did not stop within 10 s of SIGINT") from None
         lines = out.strip().splitlines()
         if process.returncode == 0 and lines:
-            stats.append(ServerStats(**json.loads(lines[-1])))
+            last.append(lines[-1])
 
 
 # -- one run, in the orchestrator's own process (--child) ------------------------------------------

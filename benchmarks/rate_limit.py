@@ -69,8 +69,6 @@ import json
 import math
 import os
 import resource
-import selectors
-import signal
 import subprocess
 import sys
 import tempfile
@@ -79,19 +77,20 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, cast
+from typing import Any, Literal, cast
 
 from llm_fanout import (  # the same workload as llm_fanout.py's: one definition
     BLUEPRINT,
     KEY_ENV,
     MAX_TOKENS,
     MODEL,
-    SERVER_START_TIMEOUT_S,
     STAGE,
     TURNS,
     cpu_seconds,
     environment,
     instance_keys,
+    serve_until_stopped,
+    server_process,
 )
 from overhead import filesystem
 
@@ -188,18 +187,7 @@ def serve(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
 
-    async def run() -> float:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        async with server:
-            print(server.url, flush=True)
-            cpu = cpu_seconds()
-            await stop.wait()
-            return cpu_seconds() - cpu
-
-    cpu = asyncio.run(run())
+    cpu = asyncio.run(serve_until_stopped(server))
     counters = server.counters
     records = [
         (round(record.started, 6), round(record.duration, 6), record.status or 0)
@@ -227,29 +215,11 @@ def loopback_server(args: argparse.Namespace) -> Iterator[tuple[str, list[Server
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve", "--seed", str(args.seed)]
     argv += ["--latency", str(args.latency), "--max-concurrency", str(args.max_concurrency)]
     argv += ["--rpm", str(args.rpm)]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     stats: list[ServerStats] = []
-    try:
-        pipe = cast(IO[str], process.stdout)  # set by stdout=PIPE
-        with selectors.DefaultSelector() as selector:
-            selector.register(pipe, selectors.EVENT_READ)
-            if not selector.select(SERVER_START_TIMEOUT_S):
-                raise SystemExit("the loopback server did not start within 30 s")
-        url = pipe.readline().strip()
-        if not url.startswith("http://"):
-            raise SystemExit(f"the loopback server did not print its URL (got {url!r})")
+    with server_process(argv) as (url, last):
         yield url, stats
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            out, _ = process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            raise SystemExit("the loopback server did not stop within 10 s of SIGINT") from None
-        lines = out.strip().splitlines()
-        if process.returncode == 0 and lines:
-            stats.append(ServerStats(**json.loads(lines[-1])))
+    if last:
+        stats.append(ServerStats(**json.loads(last[0])))
 
 
 # -- one run, in the orchestrator's own process (--child RUN) --------------------------------------
