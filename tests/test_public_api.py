@@ -22,7 +22,7 @@ EXPECTED = {
     "Runner", "RunnerError", "RunnerTimeout", "StageEnded", "StagePlan", "StageResult",
     "StageStarted", "UnknownPluginError", "Usage", "UsageError", "fan_out", "load_blueprint",
     "load_partitions", "load_pipeline", "plan_pipeline", "resume_run", "run_pipeline",
-    "run_plan",
+    "run_plan", "write_report",
 }  # fmt: skip
 
 

@@ -47,6 +47,7 @@ from ._pipeline import InstancePlan, Pipeline, Plan, StagePlan, load_pipeline, p
 from ._results import AttemptRecord, InstanceResult, RunResult, StageResult
 from ._scheduler import RunHandle, run_plan
 from ._usage import Usage
+from .report import write_report
 from .runners import InputRef, InstanceContext, Runner
 
 __all__ = [
@@ -110,4 +111,5 @@ __all__ = [
     "resume_run",
     "run_pipeline",
     "run_plan",
+    "write_report",
 ]

@@ -51,6 +51,7 @@ def event_record(event: Event, *, run: str, t: float) -> dict[str, Any]:
             "total": event.total,
             "concurrency": event.concurrency,
             "runner": event.runner,
+            "model": event.model,
         }
     if isinstance(event, AttemptStarted):
         return base | {
@@ -199,10 +200,10 @@ EVENT_SCHEMA: Final[dict[str, Any]] = {
         ),
         _record(
             "stage_started",
-            {"stage": _STR, "total": _INT, "concurrency": _INT, "runner": _STR},
+            {"stage": _STR, "total": _INT, "concurrency": _INT, "runner": _STR, "model": _STR},
             ["stage", "total", "concurrency"],
         ),
-        _record("attempt_started", _WHERE, ["stage", "key", "attempt"]),
+        _record("attempt_started", {**_WHERE, "log_dir": _STR}, ["stage", "key", "attempt"]),
         _record(
             "attempt_ended",
             {
@@ -211,6 +212,7 @@ EVENT_SCHEMA: Final[dict[str, Any]] = {
                 "duration_s": _NUM,
                 "cause": _OPT_STR,
                 "message": _STR,
+                "detail": _STR,
                 "retry_in": {"type": ["number", "null"], "minimum": 0},
                 "usage": _USAGE,
             },

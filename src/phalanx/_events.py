@@ -42,12 +42,14 @@ class RunStarted:
 @dataclass(frozen=True)
 class StageStarted:
     """``concurrency`` is the stage's limit (an adaptive stage's ceiling); ``runner`` the type
-    of its runner (``python``, ``command``, ``anthropic``...)."""
+    of its runner (``python``, ``command``, ``anthropic``...) and ``model`` the model it asks
+    for ("" when it names none)."""
 
     stage: str
     total: int
     concurrency: int
     runner: str = ""
+    model: str = ""
 
 
 @dataclass(frozen=True)

@@ -550,8 +550,46 @@ def tune(run_ref: str | None, concurrency: int, stage: str | None, project: Path
     )
 
 
+@click.command()
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The HTML file to write (default: .phalanx/runs/RUN/report.html).",
+)
+@click.option(
+    "--events",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Build the report from this event file (phalanx run --events) instead of the ledger.",
+)
+@_project_option
+def report(
+    run_ref: str | None, output: Path | None, events: Path | None, project: Path | None
+) -> None:
+    """Write RUN's report: one self-contained HTML page with the overview, a timeline per
+    stage, the slowest instances, the failures by cause with links to their logs, and the
+    cost per stage and model.
+
+    RUN is a run id, a unique prefix of one, or "latest" (the default). The page needs no
+    network; open it in any browser.
+    """
+    from .report import write_report  # noqa: PLC0415 - keeps plotly off the other commands
+
+    try:
+        written = write_report(output, run=run_ref, project=project, events=events)
+    except UsageError as exc:
+        _fail(exc)
+    size = written.stat().st_size / 1e6
+    try:
+        shown = written.relative_to(Path.cwd())
+    except ValueError:
+        shown = written
+    click.echo(f"wrote {shown} ({size:.1f} MB): open it in a browser")
+
+
 def register(group: click.Group) -> None:
     """Add ``runs``, ``status``, ``logs`` and ``tune`` to ``group`` (the ``phalanx``
     command)."""
-    for command in (runs, status, logs, tune):
+    for command in (runs, status, logs, tune, report):
         group.add_command(command)

@@ -48,6 +48,7 @@ __all__ = [
     "LEDGER_FILE",
     "AttemptOutcome",
     "AttemptRow",
+    "EventRow",
     "InstanceRow",
     "InstanceStatus",
     "Ledger",
@@ -290,6 +291,20 @@ class OutcomeRow:
     updated: float | None
 
 
+@dataclass(frozen=True)
+class EventRow:
+    """One entry of a run's event log: its ``kind`` (the event's class name), where it
+    happened, and its ``data``."""
+
+    run_id: str
+    t: float
+    kind: str
+    stage: str | None
+    key: str | None
+    attempt: int | None
+    data: Mapping[str, object] | None
+
+
 # --------------------------------------------------------------------------------------------
 # The interface
 
@@ -476,6 +491,18 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def attempt_rows(self, run_id: str, stage: str, key: str) -> list[AttemptRow]:
         """One instance's attempts by attempt number."""
+
+    @abc.abstractmethod
+    def run_instances(self, run_id: str) -> list[InstanceRow]:
+        """Every instance of a run, by stage and key (for reports)."""
+
+    @abc.abstractmethod
+    def run_attempts(self, run_id: str) -> list[AttemptRow]:
+        """Every attempt of a run, by stage, key and attempt number (for reports)."""
+
+    @abc.abstractmethod
+    def run_events(self, run_id: str) -> list[EventRow]:
+        """The run's event log in the order it was written."""
 
     @abc.abstractmethod
     def last_attempts(self, run_id: str, stage: str) -> dict[str, int]:
@@ -1370,6 +1397,33 @@ class SQLiteLedger(Ledger):
             (run_id, stage, key),
         )
         return [_attempt_row(row) for row in rows]
+
+    def run_instances(self, run_id: str) -> list[InstanceRow]:
+        rows = self._rows(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances"  # noqa: S608 - constant column names; values are bound
+            " WHERE run_id = ? ORDER BY stage, key",
+            (run_id,),
+        )
+        return [InstanceRow(*row) for row in rows]
+
+    def run_attempts(self, run_id: str) -> list[AttemptRow]:
+        rows = self._rows(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts"  # noqa: S608 - constant column names; values are bound
+            " WHERE run_id = ? ORDER BY stage, key, attempt",
+            (run_id,),
+        )
+        return [_attempt_row(row) for row in rows]
+
+    def run_events(self, run_id: str) -> list[EventRow]:
+        rows = self._rows(
+            "SELECT run_id, t, kind, stage, key, attempt, data FROM events"
+            " WHERE run_id = ? ORDER BY seq",
+            (run_id,),
+        )
+        return [
+            EventRow(run_id, t, kind, stage, key, attempt, _decode(data))
+            for run_id, t, kind, stage, key, attempt, data in rows
+        ]
 
     def last_attempts(self, run_id: str, stage: str) -> dict[str, int]:
         rows = self._rows(

@@ -677,7 +677,11 @@ class _Run:
 
     async def _run_stage(self, state: _StageState, *, streaming: bool = False) -> StageResult:
         stage = state.plan
-        self.emit(StageStarted(stage.name, len(stage.instances), state.limit, stage.runner.type))
+        self.emit(
+            StageStarted(
+                stage.name, len(stage.instances), state.limit, stage.runner.type, _model(stage)
+            )
+        )
         if self.ledger is not None:
             self.ledger.stage_started(
                 self.run_id,
@@ -1693,7 +1697,13 @@ def _event_row(event: Event) -> _EventRow:
         data = {"status": result.status, "cause": result.cause, "reason": result.reason}
         return kind, result.stage, result.key, None, data
     if isinstance(event, StageStarted):
-        return kind, event.stage, None, None, {"total": event.total, "limit": event.concurrency}
+        data = {
+            "total": event.total,
+            "limit": event.concurrency,
+            "runner": event.runner,
+            "model": event.model,
+        }
+        return kind, event.stage, None, None, data
     if isinstance(event, StageEnded):
         stage = event.result
         data = {
@@ -1702,6 +1712,9 @@ def _event_row(event: Event) -> _EventRow:
             "cached": stage.cached,
             "failed": stage.failed,
             "skipped": stage.skipped,
+            "met_threshold": stage.met_threshold,
+            "skipped_reason": stage.skipped_reason,
+            "wall_s": stage.wall_s,
         }
         return kind, stage.name, None, None, data
     if isinstance(event, RunStarted):
@@ -1716,6 +1729,15 @@ def _event_row(event: Event) -> _EventRow:
     if isinstance(event, BudgetReached):
         return kind, event.stage, None, None, {"reason": event.reason}
     return kind, None, None, None, None
+
+
+def _model(stage: StagePlan) -> str:
+    """The model a stage's runner asks for ("" for runners without one)."""
+    model = getattr(stage.runner, "model", None)
+    llm = stage.runner.type in ("anthropic", "openai", "claude-code")
+    if not model and llm and stage.blueprint is not None:
+        model = stage.blueprint.model
+    return model or ""
 
 
 def _feedback(attempts: list[AttemptRecord]) -> str:
