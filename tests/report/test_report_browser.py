@@ -171,3 +171,28 @@ def test_hostile_keys_are_shown_as_text(
     table = html.find_all("div", class_="instances")[0].all_text()
     assert hostile[0] in table
     assert hostile[1] in table
+
+
+def test_retries_and_backups_are_marked_on_the_bars(
+    chromium: Browser,
+    synthetic: Callable[..., list[dict[str, object]]],
+    events_file: Callable[[list[dict[str, object]]], Path],
+    tmp_path: Path,
+) -> None:
+    """Below the compact size every attempt is its own bar: retried attempts in their own
+    colour, speculative backups hatched, the superseded loser grey."""
+    records = synthetic(600, concurrency=20)
+    ends = [r for r in records if r["type"] == "attempt_ended" and r["stage"] == "items"]
+    superseded = sum(1 for r in ends if r["cause"] == "superseded")
+    retried = sum(1 for r in ends if r["cause"] == "rate-limited")
+    assert superseded and retried  # the seed gives both
+    page = write_report(tmp_path / "b.html", events=events_file(records))
+    html = chromium.dom(page).html
+    timeline = html.one("div", data_timeline="items")
+    assert timeline.attrs["data-mode"] == "bars"
+    assert len(timeline.find_all("g", class_="point")) == len(ends)
+    legend = timeline.all_text()
+    assert f"superseded ({superseded})" in legend
+    assert f"retried ({retried})" in legend
+    # Plotly draws a hatched bar with an SVG pattern: one per backup, none for the others.
+    assert len(timeline.find_all("pattern")) == superseded
