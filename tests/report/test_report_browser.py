@@ -185,7 +185,8 @@ def test_retries_and_backups_are_marked_on_the_bars(
     ends = [r for r in records if r["type"] == "attempt_ended" and r["stage"] == "items"]
     superseded = sum(1 for r in ends if r["cause"] == "superseded")
     retried = sum(1 for r in ends if r["cause"] == "rate-limited")
-    assert superseded and retried  # the seed gives both
+    assert superseded > 0  # the seed gives both
+    assert retried > 0
     page = write_report(tmp_path / "b.html", events=events_file(records))
     html = chromium.dom(page).html
     timeline = html.one("div", data_timeline="items")
