@@ -103,6 +103,10 @@ def _when(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else f"{word}s"
+
+
 def _cell(value: str, field: str | None = None, *, numeric: bool = False) -> str:
     attrs = f' data-field="{escape(field)}"' if field else ""
     attrs += ' class="num"' if numeric else ""
@@ -323,9 +327,11 @@ def _failures(model: Mapping[str, Any]) -> str:
         )
         parts.append(
             f'<details class="cause" data-cause="{cause}" open><summary><b>{cause}</b>: '
-            f'<span data-field="attempts">{group["attempts"]}</span> failed attempts, '
-            f'<span data-field="instances">{group["instances_failed"]}</span> instances '
-            f"failed for good</summary><ul>{''.join(items)}</ul>{more}</details>"
+            f'<span data-field="attempts">{group["attempts"]}</span> failed '
+            f"{_plural(group['attempts'], 'attempt')}, "
+            f'<span data-field="instances">{group["instances_failed"]}</span> '
+            f"{_plural(group['instances_failed'], 'instance')} failed for good</summary>"
+            f"<ul>{''.join(items)}</ul>{more}</details>"
         )
     parts.append("</section>")
     return "".join(parts)

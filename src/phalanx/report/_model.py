@@ -429,6 +429,7 @@ def _failures(
                 finals.setdefault(cause, set()).add((stage.name, attempt.key))
     result = []
     for cause, items in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+        items.sort(key=lambda attempt: (attempt.stage, attempt.key, attempt.number))
         shown = items[:_FAILURES_SHOWN]
         result.append(
             {
