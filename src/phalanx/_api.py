@@ -44,6 +44,7 @@ async def run_pipeline(
     force_stages: Iterable[str] = (),
     rerun_failed: bool = False,
     budget: Budget | None = None,
+    backend: str | None = None,
 ) -> RunResult:
     """Load, plan and run a pipeline file.
 
@@ -52,7 +53,8 @@ async def run_pipeline(
     limit. An instance whose committed output is up to date is not run again (``cached``)
     unless ``force`` (or its stage is in ``force_stages``); one that failed before with the
     same inputs is retried only with ``rerun_failed``. ``budget`` replaces the pipeline's run
-    budget. Raises :class:`~phalanx.UsageError`
+    budget; ``backend`` (``local``, ``process``, ``ray``) replaces the pipeline's backend
+    for every stage. Raises :class:`~phalanx.UsageError`
     (before anything runs) for bad input, :class:`~phalanx.ProjectBusyError` when another run
     holds the project; failures of instances are not raised but reported in the
     :class:`~phalanx.RunResult`.
@@ -67,8 +69,10 @@ async def run_pipeline(
         force=force,
         force_stages=force_stages,
         rerun_failed=rerun_failed,
-        options=run_options(loaded, stages=stages, only=only, concurrency=concurrency),
+        options=run_options(loaded, stages=stages, only=only, concurrency=concurrency)
+        | ({"backend": backend} if backend else {}),
         budget=budget,
+        backend=backend,
     )
 
 

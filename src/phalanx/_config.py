@@ -185,6 +185,60 @@ def _concurrency(value: object) -> object:
     return value
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_size(value: object) -> object:
+    """Bytes: a number, or text such as ``512MB``, ``2GiB``, ``1.5G``."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a size: write bytes, or e.g. 512MB, 2GiB")
+        number, unit = float(match.group(1)), (match.group(2) or "").lower()
+        base = 1024 if "i" in unit else 1000
+        power = "bkmgt".index(unit[0]) if unit else 0
+        return int(number * base**power)
+    return value
+
+
+class Resources(_Model):
+    """``resources: {num_cpus: 2, memory: 4GB, custom: {licence: 1}}``: what one attempt of the
+    stage reserves on a cluster backend (Ray schedules each attempt where they are free).
+    Other backends ignore them."""
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    memory: Annotated[int | None, BeforeValidator(parse_size), Field(ge=0)] = None
+    custom: dict[str, float] = Field(default_factory=dict)
+
+
+class BackendConfig(_Model):
+    """``backend: {type: ray, address: auto}``: where the instances execute. The scheduler,
+    the ledger and the data bus stay in the orchestrator whatever the backend."""
+
+    type: str = Field(default="local", pattern=r"^[a-z][a-z0-9_-]*$")
+    """``local`` (the orchestrator's event loop, the default), ``process`` (a pool of worker
+    processes, for CPU-bound ``python`` runners) or ``ray`` (a Ray cluster)."""
+    address: str = "auto"
+    """Ray: ``auto`` (the cluster ``RAY_ADDRESS`` or a running local one names), ``local``
+    (start a Ray instance for this run), ``HOST:PORT`` (a cluster's head) or
+    ``ray://HOST:PORT`` (Ray Client)."""
+    shared_fs: bool = False
+    """Ray: the workers see the project's folder at the same path, so they read inputs and
+    write outputs in place instead of shipping them."""
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    """Ray: the runtime environment of the run's workers (``working_dir``, ``pip``,
+    ``env_vars``...)."""
+    workers: int | None = Field(default=None, ge=1)
+    """Process: how many worker processes (default: one per core)."""
+    connect_timeout: Duration = 30.0
+    """Ray: how long to try to reach the cluster before giving up."""
+
+
+def _backend(value: object) -> object:
+    return {"type": value} if isinstance(value, str) else value
+
+
 class Budget(_Model):
     """``budget: {usd: 5, tokens: 2000000}``: once a run (or stage) has spent this much, no
     new attempt starts; attempts in flight finish, the rest are skipped (budget)."""
@@ -322,6 +376,10 @@ class StageConfig(_Model):
     """Seconds, or ``"300%"``: three times the median duration of the stage's successful
     attempts so far (the default's seconds until enough have succeeded)."""
     speculate: Speculate | None = None
+    backend: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_-]*$")
+    """Run this stage on another backend than the pipeline's (its settings are the
+    pipeline's when it names the same type, the defaults otherwise)."""
+    resources: Resources = Resources()
     on_failure: Literal["continue", "abort"] | None = None
     min_success: Annotated[float, Field(ge=0)] | None = None
     backoff: Backoff | None = None
@@ -409,6 +467,7 @@ class PipelineConfig(_Model):
     defaults: Defaults = Defaults()
     concurrency: int = Field(default=256, ge=1)
     budget: Budget | None = None
+    backend: Annotated[BackendConfig, BeforeValidator(_backend)] = BackendConfig()
     notes: str = "wip/notes.md"
     summaries: str = "wip/stages"
     prices: dict[str, Price] = Field(default_factory=dict)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 __all__ = [
+    "BackendUnavailable",
     "BlueprintError",
     "CallTimeout",
     "ConfinementError",
@@ -33,6 +34,7 @@ __all__ = [
     "RunnerTimeout",
     "UnknownPluginError",
     "UsageError",
+    "WorkerLost",
 ]
 
 
@@ -80,6 +82,12 @@ class ProjectBusyError(UsageError):
 
 class UnknownPluginError(UsageError):
     """A runner (or backend) name is not registered, or its optional dependency is missing."""
+
+
+class BackendUnavailable(UsageError):
+    """The run's backend cannot be used: its optional dependency is not installed (the message
+    gives the ``pip install`` command), or its cluster cannot be reached at the configured
+    address. Raised before anything runs."""
 
 
 class InstanceError(PhalanxError):
@@ -174,6 +182,14 @@ def _rebuild_rate_limited(
     headers: Mapping[str, str] | None,
 ) -> RateLimited:
     return cls(message, detail=detail, retry_after=retry_after, headers=headers)
+
+
+class WorkerLost(RunnerError):
+    """The process or cluster node executing the attempt died under it (a worker process
+    killed or crashed, a Ray node lost). The attempt failed; another attempt may run
+    elsewhere, so it is retried like any runner failure."""
+
+    cause = "worker-lost"
 
 
 class PermanentError(RunnerError):

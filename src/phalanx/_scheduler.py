@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from ._admission import Control, ResourceGuard, Spending
-from ._config import Backoff, Budget
+from ._config import BackendConfig, Backoff, Budget, Guard
 from ._databus import DataBus, OutputRules, Snapshot, changed_inputs, load_schema, scan, snapshot
-from ._errors import ConfinementError, InstanceError, RunnerError, RunnerTimeout
+from ._errors import ConfinementError, InstanceError, RunnerError, RunnerTimeout, UsageError
 from ._events import (
     AttemptEnded,
     AttemptStarted,
@@ -81,6 +81,8 @@ from ._results import (
     Status,
     Streaming,
 )
+from .backends import Backend, RunnerSpec, load_backend
+from .backends._local import LocalBackend
 from .runners import InputRef, InstanceContext, Runner, create_runner
 from .runners._llm import Clients
 
@@ -104,9 +106,47 @@ def backoff_delay(policy: Backoff, attempt: int, rng: random.Random) -> float:
 
 def check_runners(plan: Plan) -> None:
     """Build every stage's runner and output rules as a run would, so that an unimportable
-    function or a broken JSON Schema is reported before anything runs."""
+    function or a broken JSON Schema is reported before anything runs; check that every
+    backend named exists and that a stage's own backend can execute its runner."""
     for stage in plan.stages:
         _stage_tools(plan, stage, None)
+        where = _backend_where(plan, stage)
+        backend = load_backend(
+            _stage_backend(plan, stage, None), project_dir=plan.project_dir, where=where
+        )
+        if stage.config.backend is not None and not backend.executes(stage.runner.type):
+            raise UsageError(
+                f"{where}: the {backend.name} backend does not execute {stage.runner.type} "
+                "runners (API runners stay in the orchestrator, where their rate-limit lanes "
+                "are); remove the stage's backend setting"
+            )
+
+
+def _stage_backend(plan: Plan, stage: StagePlan, override: str | None) -> BackendConfig:
+    """The settings of the backend a stage runs on: the stage's own type (or the run's
+    override, or the pipeline's), with the pipeline's settings when the types agree."""
+    pipeline = plan.pipeline.config.backend
+    name = override or stage.config.backend or pipeline.type
+    return pipeline if name == pipeline.type else BackendConfig(type=name)
+
+
+def _backend_where(plan: Plan, stage: StagePlan) -> str:
+    if stage.config.backend is not None:
+        return plan.pipeline.where("stages", plan.index(stage.name), "backend")
+    return plan.pipeline.where("backend")
+
+
+def _runner_spec(plan: Plan, stage: StagePlan) -> RunnerSpec:
+    return RunnerSpec(
+        key=f"{plan.pipeline.path}:{stage.name}",
+        config=stage.runner,
+        project_dir=plan.project_dir,
+        where=plan.pipeline.where("stages", plan.index(stage.name), "runner"),
+        blueprint_model=stage.blueprint.model if stage.blueprint else None,
+        reference=stage.prompt_mode == "reference",
+        prices=dict(plan.pipeline.config.prices),
+        blueprint_tools=tuple(stage.blueprint.tools) if stage.blueprint else (),
+    )
 
 
 def _stage_tools(
@@ -167,6 +207,11 @@ class _StageState:
     slots: Slots
     spending: Spending
     lane: Lane | None = None
+    # Where attempts execute: ``remote`` is the stage's backend when it runs the stage's
+    # runner type itself (``spec`` rebuilds the runner there), ``None`` for the event loop.
+    remote: Backend | None = None
+    spec: RunnerSpec | None = None
+    guard: Guard | None = None
     outcomes: dict[str, InstanceResult] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     abort_reason: str | None = None
@@ -268,6 +313,7 @@ async def run_plan(
     budget: Budget | None = None,
     guard: ResourceGuard | None = None,
     control_interval: float = 0.5,
+    backend: str | None = None,
 ) -> RunResult:
     """Run the selected stages of ``plan``; see the module docstring.
 
@@ -280,7 +326,8 @@ async def run_plan(
     (benchmarks compare the two); ``options`` is recorded with the run so that ``phalanx
     resume`` can plan it again. ``budget`` replaces the pipeline's run budget; ``guard`` is
     the resource guard of process agents (tests give one with a fake probe);
-    ``control_interval`` is how often the run looks for ``phalanx tune`` changes. Returns when
+    ``control_interval`` is how often the run looks for ``phalanx tune`` changes; ``backend``
+    names the backend every stage runs on, in place of the pipeline's. Returns when
     every selected stage has passed its barrier or been skipped. Raises
     :class:`~phalanx.ProjectBusyError` when another run holds the project.
     """
@@ -300,6 +347,7 @@ async def run_plan(
         budget=budget,
         guard=guard,
         control_interval=control_interval,
+        backend=backend,
     )
     if handle is not None:
         handle._run = run
@@ -331,6 +379,7 @@ class _Run:
         budget: Budget | None = None,
         guard: ResourceGuard | None = None,
         control_interval: float = 0.5,
+        backend: str | None = None,
     ) -> None:
         self.plan = plan
         self.force = force
@@ -363,6 +412,9 @@ class _Run:
         self.global_slots = Slots(cap)
         self.lanes: dict[object, Lane] = {}
         self.guard = guard or ResourceGuard()
+        self.backend_override = backend
+        self.backends: dict[str, Backend] = {}  # by their settings, as JSON
+        self.opened: list[Backend] = []
         self.spending = Spending(budget or config.budget, "run")
         self.control = Control(self.state_dir / "runs" / run_id)
         self.control_interval = control_interval
@@ -425,9 +477,24 @@ class _Run:
 
     def _prepare(self, stage: StagePlan) -> _StageState:
         """Everything that can fail on bad input is done before the first instance starts."""
-        runner, rules = _stage_tools(
-            self.plan, stage, self.given_runners.get(stage.name), self.clients
-        )
+        given = self.given_runners.get(stage.name)
+        runner, rules = _stage_tools(self.plan, stage, given, self.clients)
+        config = _stage_backend(self.plan, stage, self.backend_override)
+        backend = self.backends.get(config.model_dump_json())
+        if backend is None:
+            backend = self.backends[config.model_dump_json()] = load_backend(
+                config, project_dir=self.plan.project_dir, where=_backend_where(self.plan, stage)
+            )
+        remote = None
+        if given is None and not isinstance(backend, LocalBackend):
+            if backend.executes(stage.runner.type):
+                remote = backend
+            elif stage.config.backend is not None:
+                raise UsageError(
+                    f"{_backend_where(self.plan, stage)}: the {config.type} backend does not "
+                    f"execute {stage.runner.type} runners (API runners stay in the orchestrator, "
+                    "where their rate-limit lanes are); remove the stage's backend setting"
+                )
         limit = self.override or stage.concurrency
         force = self.force or stage.name in self.force_stages
         lane = None
@@ -451,6 +518,10 @@ class _Run:
             Slots(limit),
             Spending(stage.budget, f"stage {stage.name!r}"),
             lane,
+            remote=remote,
+            spec=_runner_spec(self.plan, stage) if remote is not None else None,
+            # A cluster's load is not this machine's: the guard admits local processes only.
+            guard=stage.guard if remote is None or remote.name == "process" else None,
             force=force,
         )
 
@@ -467,6 +538,7 @@ class _Run:
         self.digests = {stage.name: {} for stage in selected}
         started = time.monotonic()
         try:
+            await self._open_backends(states)
             # Even when cancelled meanwhile, wait for the thread: it may hold the lock by then.
             await _to_the_end(asyncio.to_thread(self._open), lambda: None)
         except BaseException:
@@ -475,11 +547,32 @@ class _Run:
             for state in states.values():
                 await state.runner.aclose()
             await self.clients.aclose()
+            await self._close_backends()
             raise
         try:
             return await self._execute(states, started)
         finally:
             await asyncio.to_thread(self._close)
+
+    async def _open_backends(self, states: Mapping[str, _StageState]) -> None:
+        """Start or connect to the backends the stages use (a usage error when one cannot
+        be); cap each remote stage's limit at what its backend can run at once."""
+        used = {id(state.remote): state.remote for state in states.values() if state.remote}
+        for backend in used.values():
+            await backend.open()
+            self.opened.append(backend)
+        for state in states.values():
+            if state.remote is None:
+                continue
+            most = state.remote.capacity(state.plan.config.resources)
+            if most is not None and most < state.limit and self.override is None:
+                state.limit = most
+                state.slots.limit = most
+
+    async def _close_backends(self) -> None:
+        opened, self.opened = self.opened, []
+        for backend in opened:
+            await backend.aclose()
 
     def _open(self) -> None:
         """Take the project's lock, open the ledger, claim the staging folder."""
@@ -553,6 +646,7 @@ class _Run:
             for state in states.values():
                 await state.runner.aclose()
             await self.clients.aclose()
+            await self._close_backends()
         result = RunResult(
             run_id=self.run_id,
             pipeline=self.plan.pipeline.config.name,
@@ -909,7 +1003,7 @@ class _Run:
         tail) goes before them all."""
         await state.slots.acquire((math.inf,) if first else (inst.priority,))
         try:
-            guard = state.plan.guard
+            guard = state.guard
             if guard is not None:
                 await self.guard.admit(guard)
             try:
@@ -935,7 +1029,7 @@ class _Run:
         self.global_slots.release()
         if state.lane is not None:
             state.lane.release()
-        if state.plan.guard is not None:
+        if state.guard is not None:
             self.guard.release()
         state.slots.release()
 
@@ -1491,7 +1585,12 @@ class _Run:
                 state.running.add(running)
                 if state.lane is not None:
                     ctx = replace(ctx, gate=state.lane.gate(on_wait=_extend(scope)))
-                await state.runner.run(ctx)
+                if state.remote is not None and state.spec is not None:
+                    await state.remote.execute(
+                        state.runner, state.spec, ctx, stage.config.resources
+                    )
+                else:
+                    await state.runner.run(ctx)
         except TimeoutError:
             if running is not None and running.relative is not None:
                 raise RunnerTimeout(

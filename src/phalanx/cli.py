@@ -131,6 +131,11 @@ def _limit(stage: StagePlan) -> str:
 @_only_option
 @_set_option
 @click.option("--concurrency", type=click.IntRange(min=1), help="Override every stage's limit.")
+@click.option(
+    "--backend",
+    metavar="NAME",
+    help="Run every stage on this backend (local, process, ray), in place of the pipeline's.",
+)
 @click.option("--force", is_flag=True, help="Run every instance, even those that are up to date.")
 @click.option(
     "--force-stage",
@@ -155,6 +160,7 @@ def run(
     only: tuple[str, ...],
     settings: tuple[str, ...],
     concurrency: int | None,
+    backend: str | None,
     force: bool,
     force_stages: tuple[str, ...],
     rerun_failed: bool,
@@ -187,11 +193,14 @@ def run(
         concurrency=concurrency,
         settings=_settings(settings),
     )
+    if backend is not None:
+        options = {**options, "backend": backend}
 
     def start(handle: RunHandle, progress: EventHandler) -> Coroutine[Any, Any, RunResult]:
         return run_plan(
             plan,
             concurrency=concurrency,
+            backend=backend,
             on_event=progress,
             handle=handle,
             force=force,
@@ -258,6 +267,7 @@ def resume(
             err=True,
         )
     concurrency = row.options.get("concurrency")
+    backend = row.options.get("backend")
 
     def start(handle: RunHandle, progress: EventHandler) -> Coroutine[Any, Any, RunResult]:
         return run_plan(
@@ -266,6 +276,7 @@ def resume(
             resume=True,
             rerun_failed=rerun_failed,
             concurrency=concurrency if isinstance(concurrency, int) else None,
+            backend=backend if isinstance(backend, str) else None,
             on_event=progress,
             handle=handle,
             options=row.options,
