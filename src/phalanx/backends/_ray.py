@@ -102,7 +102,7 @@ class RayBackend(Backend):
         self.owner = not ray.is_initialized()
         if self.owner:
             options: dict[str, Any] = {
-                "logging_level": logging.WARNING,
+                "logging_level": logging.ERROR,
                 "log_to_driver": False,
                 "namespace": "phalanx",
             }
