@@ -131,8 +131,9 @@ def test_ctrl_c_under_the_process_backend_stops_the_workers(
     running.send_signal(signal.SIGINT)
     _, err = running.communicate(timeout=60)
     assert running.returncode == 130, err
-    for pid in workers:
-        project.wait_until(lambda pid=pid: not project.alive(pid), what=f"worker {pid} gone")
+    project.wait_until(
+        lambda: not any(project.alive(pid) for pid in workers), what="the workers gone"
+    )
     assert project.staging_leftovers() == []
     assert (project.root / "data" / "done" / "out.json").exists()
     assert not (project.root / "data" / "slow0").exists()

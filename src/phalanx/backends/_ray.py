@@ -148,7 +148,9 @@ class RayBackend(Backend):
         try:
             result: dict[str, Any] = await ref
         except asyncio.CancelledError:
-            await self._cancel(ref)
+            # A python agent runs in a thread of the worker that only the worker's end
+            # stops; a process agent's runner stops its process group when interrupted.
+            await self._cancel(ref, gently=spec.config.type != "python")
             raise
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause
@@ -173,27 +175,40 @@ class RayBackend(Backend):
         if result.get("error") is not None:
             raise result["error"]
 
-    async def _cancel(self, ref: Any) -> None:
-        """Stop a cancelled attempt's task: gently, then by killing its worker."""
+    async def _cancel(self, ref: Any, *, gently: bool) -> None:
+        """Stop a cancelled attempt's task. ``gently``: first a ``KeyboardInterrupt`` in the
+        worker, so that the runner stops its agent's process group; then, or else, by killing
+        the worker process."""
         ray = self.ray
-        with contextlib.suppress(Exception):
-            ray.cancel(ref, force=False)
-        done, _ = await asyncio.wait(
-            {asyncio.ensure_future(_settled(ref))}, timeout=_CANCEL_GRACE_S
-        )
-        if not done:
+        if gently:
             with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-            await asyncio.wait({asyncio.ensure_future(_settled(ref))}, timeout=_CANCEL_GRACE_S)
+                ray.cancel(ref, force=False)
+            if await _ended_within(ref, _CANCEL_GRACE_S):
+                return
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+        await _ended_within(ref, _CANCEL_GRACE_S)
 
     async def aclose(self) -> None:
         if getattr(self, "owner", False):
             await asyncio.to_thread(self.ray.shutdown)
 
 
-async def _settled(ref: Any) -> None:
-    with contextlib.suppress(Exception):
-        await ref
+async def _ended_within(ref: Any, seconds: float) -> bool:
+    """Whether the task of ``ref`` ended (in any way) within ``seconds``; the wait is
+    cancelled and awaited otherwise, so nothing is left pending."""
+
+    async def settled() -> None:
+        with contextlib.suppress(Exception):
+            await ref
+
+    waiting = asyncio.ensure_future(settled())
+    done, _ = await asyncio.wait({waiting}, timeout=seconds)
+    if not done:
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+    return bool(done)
 
 
 def _land(result: dict[str, Any], ctx: InstanceContext) -> None:
