@@ -221,3 +221,66 @@ def test_a_timed_out_command_agent_on_the_cluster_is_stopped(
         timeout=15,
         what="the timed-out agent and its child gone",
     )
+
+
+def _where_agents(make_project: ProjectFactory, backend: dict[str, Any], **stage: Any) -> Project:
+    agents = textwrap.dedent(
+        """
+        import json
+
+
+        def work(ctx):
+            import ray
+
+            (ctx.output_dir / "out.json").write_text(json.dumps({
+                "node": ray.get_runtime_context().get_node_id(),
+                "output_dir": str(ctx.output_dir),
+            }))
+        """
+    )
+    pipeline: dict[str, Any] = {
+        "name": "where",
+        "backend": backend,
+        "stages": [
+            {
+                "name": "s",
+                "partitions": [{"id": f"k{i}"} for i in range(6)],
+                "output": "data/{PARTITION_KEY}/",
+                "expect": ["out.json"],
+                "runner": {"type": "python", "function": "agents:work"},
+                **stage,
+            }
+        ],
+    }
+    return make_project(pipeline, {"agents.py": agents})
+
+
+def test_custom_resources_decide_where_attempts_run(
+    make_project: ProjectFactory, ray_cluster: RayCluster
+) -> None:
+    """A stage's ``resources.custom`` are Ray resources: a stage asking for the worker node's
+    ``worker_node`` resource runs there only; its attempts work in a scratch folder there."""
+    worker = ray_cluster.ensure_worker_node()
+    backend = {"type": "ray", "address": ray_cluster.address}
+    project = _where_agents(
+        make_project, backend, resources={"num_cpus": 0.5, "custom": {"worker_node": 0.01}}
+    )
+    done = project.cli("run", "pipeline.yaml", "--quiet", timeout=300)
+    assert done.returncode == 0, done.stderr
+    for i in range(6):
+        written = json.loads((project.root / "data" / f"k{i}" / "out.json").read_text())
+        assert written["node"] == worker
+        assert not written["output_dir"].startswith(str(project.root))  # a scratch folder
+
+
+def test_shared_fs_writes_in_place(make_project: ProjectFactory, ray_cluster: RayCluster) -> None:
+    """With ``shared_fs: true`` the agent writes straight into the orchestrator's staging
+    folder (the same path on every node), and the commit is the usual rename."""
+    backend = {"type": "ray", "address": ray_cluster.address, "shared_fs": True}
+    project = _where_agents(make_project, backend)
+    done = project.cli("run", "pipeline.yaml", "--quiet", timeout=300)
+    assert done.returncode == 0, done.stderr
+    for i in range(6):
+        written = json.loads((project.root / "data" / f"k{i}" / "out.json").read_text())
+        assert written["output_dir"].startswith(str(project.root / ".phalanx" / "staging"))
+    assert project.staging_leftovers() == []
