@@ -6,11 +6,13 @@ backend in a fresh subprocess (this script re-invoked with ``--child``):
 - **trivial**: ``--trivial`` instances (10,000) of a ``python`` agent that writes one small
   file. What is measured is the backend's own cost per instance: throughput (instances a
   second) and wall time per instance.
-- **cpu**: ``--cpu`` instances (1,000) of a ``python`` agent that spends ``--cpu-seconds``
-  (1.0) of its own CPU time in a pure-Python loop (it counts until ``time.thread_time()``
-  has advanced that much, so the work is the same whatever else the machine does). The ideal
-  is ``instances x seconds / cores``: the machine's cores busy all the time, no overhead.
-  ``local`` runs a sync agent in a thread, so its agents share one interpreter's lock.
+- **cpu**: ``--cpu`` instances (1,000) of a ``python`` agent that runs a pure-Python loop for
+  a fixed number of iterations: as many as one core runs in ``--cpu-seconds`` (1.0), measured
+  in this process before the runs (the best of three samples). The work is then the same for
+  every backend. (Counting CPU time instead would not be: under ``local`` the agents' threads
+  are charged for spinning on the interpreter's lock, so each would do less than a second of
+  work.) The ideal is ``instances x seconds / cores``: every core busy all the time, no
+  overhead. ``local`` runs a sync agent in a thread, so its agents share one interpreter lock.
 
 Every run has validation, commit, manifests and the ledger on, as a user's would. The stage's
 concurrency is 256 for every backend; ``process`` and ``ray`` cap it at what they can run at
@@ -37,27 +39,40 @@ from typing import Any
 
 AGENTS = textwrap.dedent(
     """
-    import time
-
-
     def trivial(ctx):
         (ctx.output_dir / "out.txt").write_text(ctx.key)
 
 
-    def cpu(ctx):
-        spend = float(ctx.params["seconds"])
-        start = time.thread_time()
+    def work(iterations):
         count = 0
-        while time.thread_time() - start < spend:
-            for _ in range(1000):
-                count += 1
+        for _ in range(iterations):
+            count += 1
+        return count
+
+
+    def cpu(ctx):
+        count = work(int(ctx.params["iterations"]))
         (ctx.output_dir / "out.txt").write_text(str(count))
     """
 )
 
 
-def _project(folder: Path, workload: str, count: int, seconds: float, backend: str) -> Path:
-    items = [{"id": f"i{i:05d}", "seconds": seconds} for i in range(count)]
+def _calibrate(seconds: float) -> int:
+    """How many iterations of the agents' loop one core runs in ``seconds`` here (the best
+    of three samples, in this process, before any run starts)."""
+    namespace: dict[str, Any] = {}
+    exec(AGENTS, namespace)  # noqa: S102 - our own agents' code, to time the very same loop
+    work = namespace["work"]
+    best = 0.0
+    for _ in range(3):
+        began = time.perf_counter()
+        work(2_000_000)
+        best = max(best, 2_000_000 / (time.perf_counter() - began))
+    return int(best * seconds)
+
+
+def _project(folder: Path, workload: str, count: int, iterations: int, backend: str) -> Path:
+    items = [{"id": f"i{i:05d}", "iterations": iterations} for i in range(count)]
     backend_setting: dict[str, Any] = {"type": backend}
     if backend == "ray":
         backend_setting["address"] = "local"
@@ -90,7 +105,7 @@ def _child(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-", dir=args.tmpdir) as folder:
         pipeline = _project(
-            Path(folder) / "p", args.workload, args.count, args.cpu_seconds, args.backend
+            Path(folder) / "p", args.workload, args.count, args.iterations, args.backend
         )
         began = time.perf_counter()
         result = asyncio.run(run_pipeline(pipeline))
@@ -112,7 +127,7 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _row(
-    backend: str, workload: str, count: int, seconds: float, tmpdir: str | None
+    backend: str, workload: str, count: int, seconds: float, iterations: int, tmpdir: str | None
 ) -> dict[str, Any]:
     argv = [
         sys.executable,
@@ -124,8 +139,8 @@ def _row(
         workload,
         "--count",
         str(count),
-        "--cpu-seconds",
-        str(seconds),
+        "--iterations",
+        str(iterations),
     ]
     if tmpdir:
         argv += ["--tmpdir", tmpdir]
@@ -159,19 +174,22 @@ def main() -> None:
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
         return
+    iterations = _calibrate(args.cpu_seconds)
     print(
         f"# {platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} cores; trivial={args.trivial}, cpu={args.cpu} x {args.cpu_seconds}s"
+        f"{os.cpu_count()} cores; trivial={args.trivial}, cpu={args.cpu} x {args.cpu_seconds}s "
+        f"({iterations:,} iterations each)"
     )
     rows = []
     for workload in args.workloads.split(","):
         count = args.trivial if workload == "trivial" else args.cpu
         for backend in args.backends.split(","):
-            row = _row(backend, workload, count, args.cpu_seconds, args.tmpdir)
+            row = _row(backend, workload, count, args.cpu_seconds, iterations, args.tmpdir)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
