@@ -133,7 +133,7 @@ class ProcessBackend(Backend):
                     await asyncio.wait({receiving})
                     raise
             if reply is None:
-                how = await loop.run_in_executor(self.threads, worker.reap)
+                how = await asyncio.to_thread(worker.reap)
                 raise WorkerLost(
                     f"the worker process (pid {worker.pid}) {how} while running the attempt"
                 )
@@ -167,16 +167,17 @@ class ProcessBackend(Backend):
 
     async def _give(self, worker: _Worker | None, *, dead: _Worker) -> None:
         """Put a healthy worker back; retire a dead or killed one (a new one starts when
-        next needed)."""
-        if worker is None:
-            dead.kill()
-            await asyncio.to_thread(_quietly_reap, dead)
+        next needed). The pool's count is settled before anything is awaited that a second
+        cancellation could interrupt."""
         async with self.changed:
             if worker is None:
                 self.alive -= 1
             else:
                 self.idle.append(worker)
             self.changed.notify()
+        if worker is None:
+            dead.kill()
+            await asyncio.to_thread(_quietly_reap, dead)
 
     async def aclose(self) -> None:
         idle, self.idle = self.idle, []
