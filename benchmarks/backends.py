@@ -7,12 +7,13 @@ backend in a fresh subprocess (this script re-invoked with ``--child``):
   file. What is measured is the backend's own cost per instance: throughput (instances a
   second) and wall time per instance.
 - **cpu**: ``--cpu`` instances (1,000) of a ``python`` agent that runs a pure-Python loop for
-  a fixed number of iterations: as many as one core runs in ``--cpu-seconds`` (1.0), measured
-  in this process before the runs (the best of three samples). The work is then the same for
-  every backend. (Counting CPU time instead would not be: under ``local`` the agents' threads
-  are charged for spinning on the interpreter's lock, so each would do less than a second of
-  work.) The ideal is ``instances x seconds / cores``: every core busy all the time, no
-  overhead. ``local`` runs a sync agent in a thread, so its agents share one interpreter lock.
+  ``--work`` iterations (37.5 million, about a second of one core here). The same work for every
+  backend. (Counting each agent's CPU time instead would not be: under ``local`` the agents'
+  threads are charged for spinning on the interpreter's lock, so each would do less work.)
+  Before the runs the script times one agent's work five times in its own process; the median
+  is the ``seconds`` of the ideal, ``instances x seconds / cores``: every core busy all the
+  time, no overhead. ``local`` runs a sync agent in a thread, so its agents share one
+  interpreter lock.
 
 Every run has validation, commit, manifests and the ledger on, as a user's would. The stage's
 concurrency is 256 for every backend; ``process`` and ``ray`` cap it at what they can run at
@@ -29,6 +30,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,18 +59,18 @@ AGENTS = textwrap.dedent(
 )
 
 
-def _calibrate(seconds: float) -> int:
-    """How many iterations of the agents' loop one core runs in ``seconds`` here (the best
-    of three samples, in this process, before any run starts)."""
+def _calibrate(iterations: int) -> float:
+    """Seconds one core takes for one agent's work here: the median of five timed runs of
+    the very same loop, in this process, before any run starts."""
     namespace: dict[str, Any] = {}
     exec(AGENTS, namespace)  # noqa: S102 - our own agents' code, to time the very same loop
     work = namespace["work"]
-    best = 0.0
-    for _ in range(3):
+    samples = []
+    for _ in range(5):
         began = time.perf_counter()
-        work(2_000_000)
-        best = max(best, 2_000_000 / (time.perf_counter() - began))
-    return int(best * seconds)
+        work(iterations)
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples)
 
 
 def _project(folder: Path, workload: str, count: int, iterations: int, backend: str) -> Path:
@@ -165,7 +167,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trivial", type=int, default=10_000, help="trivial instances")
     parser.add_argument("--cpu", type=int, default=1_000, help="CPU-bound instances")
-    parser.add_argument("--cpu-seconds", type=float, default=1.0, help="CPU time per instance")
+    parser.add_argument(
+        "--work",
+        type=int,
+        default=37_500_000,
+        help="loop iterations per CPU-bound agent (37.5 million: about a second of one core here)",
+    )
     parser.add_argument("--backends", default="local,process,ray", help="comma-separated")
     parser.add_argument("--workloads", default="trivial,cpu", help="comma-separated")
     parser.add_argument("--tmpdir", help="where the projects go (default: the system's)")
@@ -175,21 +182,22 @@ def main() -> None:
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
         return
-    iterations = _calibrate(args.cpu_seconds)
+    seconds = _calibrate(args.work) if "cpu" in args.workloads else 0.0
     print(
         f"# {platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} cores; trivial={args.trivial}, cpu={args.cpu} x {args.cpu_seconds}s "
-        f"({iterations:,} iterations each)"
+        f"{os.cpu_count()} cores; trivial={args.trivial}, cpu={args.cpu} x {args.work:,} "
+        f"iterations ({seconds:.3f} s of one core each, median of 5)"
     )
     rows = []
     for workload in args.workloads.split(","):
         count = args.trivial if workload == "trivial" else args.cpu
         for backend in args.backends.split(","):
-            row = _row(backend, workload, count, args.cpu_seconds, iterations, args.tmpdir)
+            row = _row(backend, workload, count, seconds, args.work, args.tmpdir)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
