@@ -10,10 +10,11 @@ backend in a fresh subprocess (this script re-invoked with ``--child``):
   ``--work`` iterations (37.5 million, about a second of one core here). The same work for every
   backend. (Counting each agent's CPU time instead would not be: under ``local`` the agents'
   threads are charged for spinning on the interpreter's lock, so each would do less work.)
-  Before the runs the script times one agent's work five times in its own process; the median
-  is the ``seconds`` of the ideal, ``instances x seconds / cores``: every core busy all the
-  time, no overhead. ``local`` runs a sync agent in a thread, so its agents share one
-  interpreter lock.
+  Right before and right after each backend's run the script times one agent's work five
+  times in its own process (this VM's speed drifts by tens of percent over minutes); the mean
+  of the two medians is the ``seconds`` of the ideal, ``instances x seconds / cores``: every
+  core busy all the time, no overhead. ``local`` runs a sync agent in a thread, so its agents
+  share one interpreter lock.
 
 Every run has validation, commit, manifests and the ledger on, as a user's would. The stage's
 concurrency is 256 for every backend; ``process`` and ``ray`` cap it at what they can run at
@@ -197,7 +198,20 @@ def main() -> None:
     for workload in args.workloads.split(","):
         count = args.trivial if workload == "trivial" else args.cpu
         for backend in args.backends.split(","):
+            if workload == "cpu":  # this VM's speed drifts: time the work next to each run
+                seconds = _calibrate(args.work)
             row = _row(backend, workload, count, seconds, args.work, args.tmpdir)
+            if workload == "cpu":
+                after = _calibrate(args.work)
+                row["agent_s_before_after"] = [round(seconds, 3), round(after, 3)]
+                # The ideal from the mean of the two timings, recomputed.
+                mean = (seconds + after) / 2
+                cores = os.cpu_count() or 1
+                row["ideal_s"] = round(count * mean / cores, 1)
+                row["vs_ideal"] = round(row["stage_wall_s"] / row["ideal_s"], 3)
+                row["overhead_ms_per_instance"] = round(
+                    (row["stage_wall_s"] - row["ideal_s"]) / count * cores * 1000, 1
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
