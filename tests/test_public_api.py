@@ -22,7 +22,7 @@ EXPECTED = {
     "Runner", "RunnerError", "RunnerTimeout", "StageEnded", "StagePlan", "StageResult",
     "StageStarted", "UnknownPluginError", "Usage", "UsageError", "fan_out", "load_blueprint",
     "load_partitions", "load_pipeline", "plan_pipeline", "resume_run", "run_pipeline",
-    "run_plan", "write_report",
+    "run_plan", "write_report", "BackendUnavailable", "WorkerLost",
 }  # fmt: skip
 
 
@@ -31,7 +31,7 @@ def test_all_is_exactly_the_public_names() -> None:
     assert phalanx.__all__ == sorted(phalanx.__all__)
     assert set(phalanx.__all__) == EXPECTED
     public = {name for name in vars(phalanx) if not name.startswith("_")}
-    modules = {"runners", "report", "cli", "testing", "otel"}
+    modules = {"runners", "report", "cli", "testing", "otel", "backends"}
     assert public - modules == EXPECTED
 
 
@@ -44,6 +44,8 @@ def test_all_is_exactly_the_public_names() -> None:
         phalanx.PermanentError("400: bad request"),
         phalanx.OutputInvalidError("bad json"),
         phalanx.ConfinementError("symlink"),
+        phalanx.WorkerLost("the worker process (pid 7) was killed", detail="SIGKILL"),
+        phalanx.BackendUnavailable("backend ray: pip install 'phalanx[ray]'"),
         phalanx.PipelineError("pipeline.yaml:3: bad"),
         phalanx.PartitionKeyError("orgs.json: item 2: bad key"),
     ],

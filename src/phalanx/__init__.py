@@ -8,6 +8,7 @@ from ._api import fan_out, resume_run, run_pipeline
 from ._blueprint import Blueprint, load_blueprint
 from ._config import Backoff, Budget, ExpectSpec, Speculate
 from ._errors import (
+    BackendUnavailable,
     BlueprintError,
     ConfinementError,
     CycleError,
@@ -26,6 +27,7 @@ from ._errors import (
     RunnerTimeout,
     UnknownPluginError,
     UsageError,
+    WorkerLost,
 )
 from ._eventlog import EventLog, event_schema
 from ._events import (
@@ -54,6 +56,7 @@ __all__ = [
     "AttemptEnded",
     "AttemptRecord",
     "AttemptStarted",
+    "BackendUnavailable",
     "Backoff",
     "Blueprint",
     "BlueprintError",
@@ -102,6 +105,7 @@ __all__ = [
     "UnknownPluginError",
     "Usage",
     "UsageError",
+    "WorkerLost",
     "event_schema",
     "fan_out",
     "load_blueprint",

@@ -40,6 +40,7 @@ AGENTS = textwrap.dedent(
         if mode == "die_once" and ctx.attempt == 1:
             os._exit(7)
         if mode == "sleepy":
+            Path(ctx.params["marker"] + ".asleep").write_text(str(time.time()))
             time.sleep(15)
             Path(ctx.params["marker"]).write_text("still ran")
         if mode == "badjson":
@@ -193,18 +194,28 @@ def test_a_dead_worker_is_a_retried_attempt(
 def test_a_timeout_stops_the_attempt(
     make_project: ProjectFactory, backend: dict[str, Any], tmp_path: Path
 ) -> None:
+    """The attempt ends at its timeout, not when the agent would have (15 s later), and on
+    process and ray the agent is stopped: it never wakes up to write its marker."""
     marker = tmp_path / "marker"
-    items = [{"id": "slow", "mode": "sleepy", "marker": str(marker)}, {"id": "quick"}]
-    project = _project(make_project, backend, items, retries=0, timeout=1.5)
-    began = time.monotonic()
-    result = project.run()
-    took = time.monotonic() - began
-    _counts_add_up(result)
-    (stage,) = result.stages
-    assert {inst.key: inst.cause for inst in stage.instances} == {"slow": "timeout", "quick": None}
-    assert took < 10, f"the run waited for the sleeping agent ({took:.1f}s)"
+    items = [{"id": "slow", "mode": "sleepy", "marker": str(marker)}]
+    project = _project(make_project, backend, items, retries=0, timeout=3)
+    project.run()
+    ((cause, duration, started),) = [
+        row[3:] for row in _attempt_times(project) if row[:3] == ("s", "slow", 1)
+    ]
+    assert cause == "timeout"
+    assert duration < 12, f"the attempt lasted {duration:.1f}s: it waited for the agent"
     if backend["type"] == "local":
         return  # a sync agent's thread cannot be stopped in-process: that is what process is for
-    # Past the moment the agent would have woken: its worker was stopped, not left to finish.
-    time.sleep(max(0.0, began + 17.0 - time.monotonic()))
+    # Past the moment the agent would have woken: 15 s after it fell asleep, plus a margin.
+    asleep = float(Path(f"{marker}.asleep").read_text())
+    assert asleep >= started - 1
+    time.sleep(max(0.0, asleep + 16.5 - time.time()))
     assert not marker.exists()
+
+
+def _attempt_times(project: Project) -> list[tuple[str, str, int, str | None, float, float]]:
+    with sqlite3.connect(project.root / ".phalanx" / "ledger.db") as conn:
+        return conn.execute(
+            "SELECT stage, key, attempt, cause, duration_s, started FROM attempts"
+        ).fetchall()
