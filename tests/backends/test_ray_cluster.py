@@ -207,7 +207,7 @@ def test_a_timed_out_command_agent_on_the_cluster_is_stopped(
     """The attempt's task is interrupted, the runner stops the agent's process and its
     child: nothing it started outlives the timeout."""
     runner = make_project.runner("--pids", str(make_project.pids), "write", "slow=hang")
-    pipeline = make_project.one_stage(runner, ["ok", "slow"], timeout=3)
+    pipeline = make_project.one_stage(runner, ["ok", "slow"], timeout=10)
     pipeline["backend"] = {"type": "ray", "address": ray_cluster.address}
     project = make_project(pipeline)
     done = project.cli("run", "pipeline.yaml", "--quiet", timeout=300)
