@@ -580,6 +580,9 @@ def report(
         written = write_report(output, run=run_ref, project=project, events=events)
     except UsageError as exc:
         _fail(exc)
+    except OSError as exc:
+        where = output if output is not None else "the run's folder"
+        _fail(UsageError(f"cannot write the report to {where}: {exc.strerror or exc}"))
     size = written.stat().st_size / 1e6
     try:
         shown = written.relative_to(Path.cwd())

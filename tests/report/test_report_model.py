@@ -294,3 +294,12 @@ def test_the_cli_writes_the_report_and_explains_what_is_missing(
     missing = project.cli("report", "--events", "nowhere.jsonl", "-o", "x.html")
     assert missing.returncode == 2
     assert "cannot read the event file nowhere.jsonl" in missing.stderr
+
+
+def test_an_unwritable_report_path_is_a_usage_error(make_project: ProjectFactory) -> None:
+    project = make_project(make_project.one_stage(make_project.runner("write"), ["a"]))
+    assert project.cli("run", "pipeline.yaml", "--quiet").returncode == 0
+    (project.root / "blocked").write_text("a file, not a folder")
+    done = project.cli("report", "-o", "blocked/report.html")
+    assert done.returncode == 2
+    assert "cannot write the report to blocked/report.html" in done.stderr
