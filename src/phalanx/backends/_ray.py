@@ -10,8 +10,9 @@ With ``shared_fs: true`` the workers read and write the project's folder in plac
 Ray's own retries are off (``max_retries=0``): a lost node or a killed worker process fails the
 attempt with :class:`~phalanx.WorkerLost`, and phalanx's retry policy runs it again, on any node
 Ray picks, with the cause recorded. Cancelling an attempt (timeout, abort, Ctrl-C) cancels its
-task: first as a ``KeyboardInterrupt`` in the worker, so the runner stops its agent, then by
-killing the worker process if it has not ended within a few seconds.
+task: a ``python`` agent's worker is killed at once; a process agent's task first gets a
+``KeyboardInterrupt``, so the runner stops its processes, and its worker is killed if it has
+not ended within a few seconds.
 
 ``python``, ``command`` and ``claude-code`` runners execute on the cluster; the API runners
 (``anthropic``, ``openai``) stay in the orchestrator, where their rate-limit lanes are.
