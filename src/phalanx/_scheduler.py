@@ -114,12 +114,18 @@ def check_runners(plan: Plan) -> None:
         backend = load_backend(
             _stage_backend(plan, stage, None), project_dir=plan.project_dir, where=where
         )
-        if stage.config.backend is not None and not backend.executes(stage.runner.type):
-            raise UsageError(
-                f"{where}: the {backend.name} backend does not execute {stage.runner.type} "
-                "runners (API runners stay in the orchestrator, where their rate-limit lanes "
-                "are); remove the stage's backend setting"
-            )
+        _check_stage_backend(plan, stage, backend)
+
+
+def _check_stage_backend(plan: Plan, stage: StagePlan, backend: Backend) -> None:
+    """A stage that names its own backend must run there: refuse one that cannot execute the
+    stage's runner (with the pipeline's backend, such a stage runs in the orchestrator)."""
+    if stage.config.backend is not None and not backend.executes(stage.runner.type):
+        raise UsageError(
+            f"{_backend_where(plan, stage)}: the {backend.name} backend does not execute "
+            f"{stage.runner.type} runners (API runners stay in the orchestrator, where their "
+            "rate-limit lanes are); remove the stage's backend setting"
+        )
 
 
 def _stage_backend(plan: Plan, stage: StagePlan, override: str | None) -> BackendConfig:
@@ -480,21 +486,17 @@ class _Run:
         given = self.given_runners.get(stage.name)
         runner, rules = _stage_tools(self.plan, stage, given, self.clients)
         config = _stage_backend(self.plan, stage, self.backend_override)
-        backend = self.backends.get(config.model_dump_json())
+        settings = config.model_dump_json()
+        backend = self.backends.get(settings)
         if backend is None:
-            backend = self.backends[config.model_dump_json()] = load_backend(
+            backend = self.backends[settings] = load_backend(
                 config, project_dir=self.plan.project_dir, where=_backend_where(self.plan, stage)
             )
         remote = None
         if given is None and not isinstance(backend, LocalBackend):
+            _check_stage_backend(self.plan, stage, backend)
             if backend.executes(stage.runner.type):
                 remote = backend
-            elif stage.config.backend is not None:
-                raise UsageError(
-                    f"{_backend_where(self.plan, stage)}: the {config.type} backend does not "
-                    f"execute {stage.runner.type} runners (API runners stay in the orchestrator, "
-                    "where their rate-limit lanes are); remove the stage's backend setting"
-                )
         limit = self.override or stage.concurrency
         force = self.force or stage.name in self.force_stages
         lane = None
