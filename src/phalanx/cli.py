@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -25,7 +26,8 @@ from ._config import Budget
 from ._errors import UsageError
 from ._eventlog import EventLog
 from ._events import Event, EventHandler
-from ._pipeline import InstancePlan, Plan, StagePlan, load_pipeline, plan_pipeline
+from ._ledger import open_ledger
+from ._pipeline import STATE_DIR, InstancePlan, Plan, StagePlan, load_pipeline, plan_pipeline
 from ._results import RunResult
 from ._scaffold import write_starter
 from ._scheduler import RunHandle, check_runners, run_plan
@@ -37,6 +39,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 130
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _fail(error: UsageError) -> NoReturn:
@@ -154,6 +158,12 @@ def _limit(stage: StagePlan) -> str:
 @_otel_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No live display; plain lines only.")
+@click.option(
+    "--run-id",
+    metavar="ID",
+    help="Give the run this id instead of a new one (for a caller that must know it before "
+    "the run starts); letters, digits, '_', '-', '.', unused in this project.",
+)
 def run(
     pipeline: str,
     stages: tuple[str, ...],
@@ -170,6 +180,7 @@ def run(
     otel: bool,
     as_json: bool,
     quiet: bool,
+    run_id: str | None,
 ) -> None:
     """Run PIPELINE (a pipeline.yaml).
 
@@ -195,10 +206,13 @@ def run(
     )
     if backend is not None:
         options = {**options, "backend": backend}
+    if run_id is not None:
+        _check_run_id(plan, run_id)
 
     def start(handle: RunHandle, progress: EventHandler) -> Coroutine[Any, Any, RunResult]:
         return run_plan(
             plan,
+            run_id=run_id,
             concurrency=concurrency,
             backend=backend,
             on_event=progress,
@@ -284,6 +298,24 @@ def resume(
         )
 
     _finish(_execute(start, quiet, events, otel), as_json)
+
+
+def _check_run_id(plan: Plan, run_id: str) -> None:
+    if not _RUN_ID.fullmatch(run_id):
+        _fail(
+            UsageError(
+                f"--run-id {run_id!r}: a run id is 1-64 letters, digits, '_', '-' or '.', "
+                "starting with a letter or digit (it names the run's log folder)"
+            )
+        )
+    with open_ledger(plan.project_dir / STATE_DIR) as ledger:
+        if ledger.get_run(run_id) is not None:
+            _fail(
+                UsageError(
+                    f"--run-id {run_id!r}: this project already has a run with that id; "
+                    "choose another, or continue that one with phalanx resume"
+                )
+            )
 
 
 def _budget(usd: float | None, tokens: int | None) -> Budget | None:

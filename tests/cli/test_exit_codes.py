@@ -251,3 +251,24 @@ def test_bad_input_exits_2_and_writes_nothing(make_project: ProjectFactory, case
         assert fragment in done.stderr, f"{fragment!r} not in {done.stderr!r}"
     assert "Traceback" not in done.stderr
     assert project.tree(project.root) == before
+
+
+def test_run_id_given_by_the_caller(make_project: ProjectFactory) -> None:
+    """``--run-id`` names the run (a caller such as ``phalanx mcp`` knows it before the run
+    starts); an id already used in the project, or one that is not a safe folder name, is a
+    usage error (exit 2) and nothing runs."""
+    project = make_project(None)
+    assert project.cli("init", ".").returncode == 0
+
+    done = project.cli("run", "pipeline.yaml", "--run-id", "nightly-1", "--json")
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["run_id"] == "nightly-1"
+    again = project.cli("run", "pipeline.yaml", "--run-id", "nightly-1")
+    assert again.returncode == 2
+    assert "already has a run with that id" in again.stderr
+    hostile = project.cli("run", "pipeline.yaml", "--run-id", "../escape")
+    assert hostile.returncode == 2
+    assert "--run-id '../escape'" in hostile.stderr
+    runs = json.loads(project.cli("runs", "--json").stdout)
+    assert [run["id"] for run in runs] == ["nightly-1"]
