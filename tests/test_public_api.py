@@ -23,6 +23,7 @@ EXPECTED = {
     "StageStarted", "UnknownPluginError", "Usage", "UsageError", "fan_out", "load_blueprint",
     "load_partitions", "load_pipeline", "plan_pipeline", "resume_run", "run_pipeline",
     "run_plan", "write_report", "BackendUnavailable", "WorkerLost",
+    "ReviewFailed", "ReviewRejected",
 }  # fmt: skip
 
 
@@ -45,6 +46,8 @@ def test_all_is_exactly_the_public_names() -> None:
         phalanx.OutputInvalidError("bad json"),
         phalanx.ConfinementError("symlink"),
         phalanx.WorkerLost("the worker process (pid 7) was killed", detail="SIGKILL"),
+        phalanx.ReviewRejected("the reviewer rejected the output: no sources"),
+        phalanx.ReviewFailed("the reviewer wrote no verdict.json"),
         phalanx.BackendUnavailable("backend ray: pip install 'phalanx[ray]'"),
         phalanx.PipelineError("pipeline.yaml:3: bad"),
         phalanx.PartitionKeyError("orgs.json: item 2: bad key"),

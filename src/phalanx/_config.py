@@ -26,6 +26,7 @@ __all__ = [
     "AnthropicRunnerConfig",
     "Backoff",
     "Budget",
+    "CheckSpec",
     "ClaudeCodeRunnerConfig",
     "CommandRunnerConfig",
     "Defaults",
@@ -36,6 +37,7 @@ __all__ = [
     "OpenAIRunnerConfig",
     "PipelineConfig",
     "PythonRunnerConfig",
+    "ReviewConfig",
     "RunnerConfig",
     "Speculate",
     "StageConfig",
@@ -44,6 +46,7 @@ __all__ = [
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_JSON_PATH = re.compile(r"[^.\[\]]+(?:\[\])?(?:\.[^.\[\]]+(?:\[\])?)*\Z")
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
@@ -307,6 +310,74 @@ class ExpectSpec(_Model):
     description: str = ""
 
 
+class CheckSpec(_Model):
+    """One mechanical check of one output file (see :mod:`phalanx._checks`), usually an item of
+    the blueprint's completion criteria: ``{file: activities.json, field: activities,
+    min_items: 1, criterion: "..."}``."""
+
+    file: str = Field(min_length=1)
+    """The file, relative to the instance's output folder; a template like ``expect``'s names."""
+    field: str | None = None
+    """JSON: a dotted path that must exist; ``[]`` steps into every element of a list."""
+    min_items: int | None = Field(default=None, ge=0)
+    """JSON: the value at ``field`` (or the document) has at least this many entries."""
+    contains: str | None = Field(default=None, min_length=1)
+    """Text: a string the file must contain."""
+    min_words: int | None = Field(default=None, ge=1)
+    """Text: at least this many words (each CJK character counts as one)."""
+    criterion: str = ""
+    """The checklist item this check stands for; failures quote it."""
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        parts = value.replace("\\", "/").split("/")
+        if value.startswith("/") or ".." in parts:
+            raise ValueError("a check's file is a path inside the output folder (no '..', not /)")
+        return value
+
+    @field_validator("field")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not _JSON_PATH.match(value):
+            raise ValueError(
+                f"{value!r} is not a field path: write names joined by '.', with '[]' after a "
+                "list's name to ask every element, e.g. activities[].source"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _asks_something(self) -> CheckSpec:
+        if (self.field, self.min_items, self.contains, self.min_words) == (None,) * 4:
+            raise ValueError(
+                "a check asks something of its file: field, min_items, contains or min_words "
+                "(to require the file alone, list it under expect)"
+            )
+        return self
+
+
+class ReviewConfig(_Model):
+    """``review: {criteria: [...], runner: {...}}``: before an attempt commits, a reviewer
+    agent reads its outputs and judges them against ``criteria``; a failing verdict fails the
+    attempt (cause ``review-rejected``), which is retried with the reasons as feedback."""
+
+    criteria: list[str] = Field(min_length=1)
+    """The checklist items the reviewer judges (those no mechanical check can)."""
+    runner: dict[str, Any] | None = None
+    """The reviewer's runner; default: the stage's own, which must then be an LLM runner or
+    ``claude-code`` (a ``command`` or ``python`` stage's program writes, it does not review)."""
+    blueprint: str | None = None
+    """The reviewer's own prompt template; default: phalanx's. It may use the instance's
+    parameters, ``{CRITERIA}`` (the list) and ``{REVIEWED_DIR}`` (the folder to review)."""
+    timeout: Timeout | None = None
+    """Seconds the review may take; default: the stage's timeout."""
+
+    @field_validator("runner", mode="before")
+    @classmethod
+    def _runner_shorthand(cls, value: object) -> object:
+        return {"type": value} if isinstance(value, str) else value
+
+
 def _fraction_or_count(value: float) -> float:
     if value < 0:
         raise ValueError("min_success must be a count (>= 1) or a fraction between 0 and 1")
@@ -360,6 +431,8 @@ class StageConfig(_Model):
     output: str | None = None
     expect: dict[str, ExpectSpec] = Field(default_factory=dict)
     check: list[str] | None = Field(default=None, min_length=1)
+    checks: list[CheckSpec] = Field(default_factory=list)
+    review: ReviewConfig | None = None
     reads: list[str] = Field(default_factory=list)
     runner: dict[str, Any] | None = None
     concurrency: Annotated[Concurrency | None, BeforeValidator(_concurrency)] = None

@@ -20,13 +20,14 @@ import posixpath
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-from ._config import ExpectSpec
+from ._checks import check_problems
+from ._config import CheckSpec, ExpectSpec
 from ._errors import ConfinementError, OutputInvalidError, PipelineError
 from ._templates import TemplateKeyError, render_config
 
@@ -72,11 +73,13 @@ class OutputRules:
         schemas: Mapping[str, jsonschema.protocols.Validator],
         check: list[str] | None,
         check_timeout: float,
+        checks: Sequence[CheckSpec] = (),
     ) -> None:
         self.expect = expect
         self.schemas = schemas
         self.check = check
         self.check_timeout = check_timeout
+        self.checks = tuple(checks)
         self._fixed: tuple[str, ...] | None = None  # the names, when no template has a field
         if not any("{" in template for template in expect):
             with contextlib.suppress(ValueError):  # raised again, per instance, by names()
@@ -92,7 +95,7 @@ class OutputRules:
         """Whether validating ``files`` is quick enough to do on the event loop: no check
         command to wait for, and little JSON to parse. Handing a few syscalls to a thread
         costs more than doing them."""
-        if self.check is not None:
+        if self.check is not None or self.checks:
             return False
         json_bytes = sum(size for name, size in files.items() if name.endswith(".json"))
         return json_bytes <= _INLINE_JSON_BYTES
@@ -127,6 +130,14 @@ class OutputRules:
         for name in sorted(files):
             if name.endswith(".json") and name not in checked:
                 problems.extend(_load_json(root, name, files)[1])
+        for spec in self.checks:
+            try:
+                name = expected_name(spec.file, values)
+            except (ValueError, TemplateKeyError) as exc:
+                problems.append(f"check of {spec.file!r}: {exc}")
+                continue
+            if name in files or name not in checked:  # a missing expected file: said above
+                problems.extend(check_problems(staging, name, spec))
         if problems:
             shown = problems[:_MAX_PROBLEMS]
             more = len(problems) - len(shown)
@@ -343,6 +354,11 @@ class DataBus:
             shutil.rmtree(path)
             os.mkdir(path)
         return Path(path)
+
+    def review_dir(self, stage: str) -> Path:
+        """Where the reviewers of ``stage`` work (one folder per attempt under review); inside
+        the run's staging folder, so swept with it, and named so no stage can own it."""
+        return self.staging_root / "~review" / stage
 
     def _ensure(self, folder: str) -> None:
         if folder not in self._made:

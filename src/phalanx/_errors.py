@@ -30,6 +30,8 @@ __all__ = [
     "PipelineError",
     "ProjectBusyError",
     "RateLimited",
+    "ReviewFailed",
+    "ReviewRejected",
     "RunnerError",
     "RunnerTimeout",
     "UnknownPluginError",
@@ -215,6 +217,20 @@ class OutputInvalidError(InstanceError):
     """
 
     cause = "output-invalid"
+
+
+class ReviewRejected(OutputInvalidError):
+    """The stage's reviewer read the attempt's outputs and found completion criteria unmet;
+    the message gives its reasons, which the next attempt receives as feedback."""
+
+    cause = "review-rejected"
+
+
+class ReviewFailed(RunnerError):
+    """The stage's reviewer could not give a verdict: it failed, ran past its timeout, wrote no
+    valid ``verdict.json``, or changed the files it was reviewing."""
+
+    cause = "review-failed"
 
 
 class ConfinementError(InstanceError):

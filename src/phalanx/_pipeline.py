@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -120,6 +120,9 @@ def load_pipeline(
             "stages; see `phalanx init` for a starter"
         )
     lines = _line_map(node) if node is not None else {}
+    todos = list(_todos(data, ()))
+    if todos:
+        raise PipelineError(_todo_message(display, todos, lines, data))
     if runner_settings:
         _override_runners(data, runner_settings)
     try:
@@ -135,6 +138,42 @@ def load_pipeline(
     )
 
 
+TODO_MARK = "TODO:"
+"""A value that starts with this is a gap ``phalanx import`` (or a person) left to fill in;
+loading refuses the file and names every one, with the reason written after the mark."""
+
+
+def _todos(value: object, loc: tuple[str | int, ...]) -> Iterator[tuple[str | int, ...]]:
+    if isinstance(value, str) and value.lstrip().startswith(TODO_MARK):
+        yield loc
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _todos(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _todos(item, (*loc, index))
+
+
+def _todo_message(
+    display: str,
+    todos: list[tuple[str | int, ...]],
+    lines: Mapping[tuple[str | int, ...], int],
+    data: object,
+) -> str:
+    def text(loc: tuple[str | int, ...]) -> str:
+        current: Any = data
+        for part in loc:
+            current = current[part]
+        return " ".join(str(current).split())
+
+    shown = [f"  {display}:{lines.get(loc, 0)}: {_dotted(loc, data)}: {text(loc)}" for loc in todos]
+    count = f"{len(todos)} value{'s' if len(todos) != 1 else ''}"
+    return (
+        f"{display}: {count} still marked {TODO_MARK!r} (left by phalanx import, or by hand); "
+        "replace each with a real value, then run again:\n" + "\n".join(shown)
+    )
+
+
 def _override_runners(data: dict[str, Any], settings: Mapping[str, object]) -> None:
     """Apply ``settings`` to the defaults' runner and to every stage that sets its own."""
     defaults = data.setdefault("defaults", {})
@@ -142,6 +181,13 @@ def _override_runners(data: dict[str, Any], settings: Mapping[str, object]) -> N
     stages = data.get("stages")
     if isinstance(stages, list):
         targets += [stage for stage in stages if isinstance(stage, dict) and "runner" in stage]
+        targets += [  # a reviewer with a runner of its own
+            stage["review"]
+            for stage in stages
+            if isinstance(stage, dict)
+            and isinstance(stage.get("review"), dict)
+            and "runner" in stage["review"]
+        ]
     for target in targets:
         runner = target.get("runner")
         if isinstance(runner, str):
@@ -343,6 +389,7 @@ class StagePlan:
     timeout_factor: float | None = None
     """``timeout: 300%``: 3.0; ``timeout`` is then the limit until the median is known."""
     speculate: Speculate | None = None
+    review: ReviewPlan | None = None
 
     @property
     def required(self) -> int:
@@ -351,6 +398,17 @@ class StagePlan:
         if self.min_success <= 1:
             return math.ceil(self.min_success * total - 1e-9)
         return min(int(self.min_success), total)
+
+
+@dataclass(frozen=True)
+class ReviewPlan:
+    """A stage's reviewer (``review:``), resolved: what it judges, what runs it, its prompt
+    template (``None``: phalanx's) and how long it may take."""
+
+    criteria: tuple[str, ...]
+    runner: RunnerConfig
+    blueprint: Blueprint | None
+    timeout: float
 
 
 @dataclass(frozen=True)
@@ -579,7 +637,31 @@ class _Planner:
             instances=instances,
             needs=tuple(stage.needs),
             group_field=group_field,
+            review=self._review(i, stage, runner, absolute),
         )
+
+    def _review(
+        self, i: int, stage: StageConfig, runner: RunnerConfig, timeout: float
+    ) -> ReviewPlan | None:
+        review = stage.review
+        if review is None:
+            return None
+        if review.runner is not None:
+            reviewer = self._runner_config(dict(review.runner), self.where(i, "review", "runner"))
+        elif runner.type in {"command", "python"}:
+            raise PipelineError(
+                f"{self.where(i, 'review')}: a {runner.type} stage's program writes the outputs; "
+                "give the reviewer its own runner: review: {runner: {type: anthropic}} (or "
+                "openai, claude-code, or a command that reviews)"
+            )
+        else:
+            reviewer = runner
+        blueprint = None
+        if review.blueprint is not None:
+            path = self._inside(review.blueprint, i, "review", "blueprint")
+            blueprint = load_blueprint(path, display_path=review.blueprint)
+        seconds = timeout if review.timeout is None else _timeout(review.timeout, timeout)[0]
+        return ReviewPlan(tuple(review.criteria), reviewer, blueprint, seconds)
 
     def _blueprint(self, i: int, stage: StageConfig) -> Blueprint | None:
         if stage.blueprint is None:
@@ -602,6 +684,9 @@ class _Planner:
         where = (
             self.where(i, "runner") if stage.runner else self.pipeline.where("defaults", "runner")
         )
+        return self._runner_config(merged, where)
+
+    def _runner_config(self, merged: dict[str, Any], where: str) -> RunnerConfig:
         kind = merged.get("type")
         if kind not in _RUNNER_TYPES:
             hint = difflib.get_close_matches(str(kind), _RUNNER_TYPES, n=1)

@@ -81,6 +81,7 @@ from ._results import (
     Status,
     Streaming,
 )
+from ._review import Reviewer
 from .backends import Backend, RunnerSpec, load_backend
 from .backends._local import LocalBackend
 from .runners import InputRef, InstanceContext, Runner, create_runner
@@ -175,7 +176,9 @@ def _stage_tools(
         name: load_schema(path, display=str(path.relative_to(plan.project_dir)))
         for name, path in stage.schemas.items()
     }
-    return runner, OutputRules(stage.expect, schemas, stage.config.check, stage.timeout)
+    return runner, OutputRules(
+        stage.expect, schemas, stage.config.check, stage.timeout, stage.config.checks
+    )
 
 
 class RunHandle:
@@ -218,6 +221,7 @@ class _StageState:
     remote: Backend | None = None
     spec: RunnerSpec | None = None
     guard: Guard | None = None
+    reviewer: Reviewer | None = None
     outcomes: dict[str, InstanceResult] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     abort_reason: str | None = None
@@ -524,8 +528,23 @@ class _Run:
             spec=_runner_spec(self.plan, stage) if remote is not None else None,
             # A cluster's load is not this machine's: the guard admits local processes only.
             guard=stage.guard if remote is None or remote.name == "process" else None,
+            reviewer=self._reviewer(stage),
             force=force,
         )
+
+    def _reviewer(self, stage: StagePlan) -> Reviewer | None:
+        if stage.review is None:
+            return None
+        runner = create_runner(
+            stage.review.runner,
+            project_dir=self.plan.project_dir,
+            where=self.plan.pipeline.where("stages", self.plan.index(stage.name), "review"),
+            blueprint_model=stage.blueprint.model if stage.blueprint else None,
+            reference=False,
+            prices=self.plan.pipeline.config.prices,
+            clients=self.clients,
+        )
+        return Reviewer(stage.review, runner, stage.name, self.bus.review_dir(stage.name))
 
     def _lane_changed(self, change: LaneChange) -> None:
         if change.reason == "pause":
@@ -1504,7 +1523,11 @@ class _Run:
             await self._run_agent(state, ctx, live, backup)
             files = scan(staging)
             commit = (state, live, attempt, staging, files)
-            if state.rules.cheap(files):
+            if state.reviewer is not None:  # validate, review, then commit what was reviewed
+                await self._io(state.rules.validate, staging, inst.values, files)
+                ctx.usage.add(await state.reviewer.judge(ctx, staging, self._io))
+                await _to_the_end(self._io(self._validate_and_commit, *commit, True), committed)
+            elif state.rules.cheap(files):
                 self._validate_and_commit(*commit)
                 committed()
             else:
@@ -1696,11 +1719,14 @@ class _Run:
         attempt: int,
         staging: Path,
         files: dict[str, int],
+        validated: bool = False,
     ) -> None:
-        """Validate, write the manifest into the staging folder, rename it into place. Of two
-        attempts of one instance (a straggler and its backup), only the first renames."""
+        """Validate (unless ``validated``), write the manifest into the staging folder, rename
+        it into place. Of two attempts of one instance (a straggler and its backup), only the
+        first renames."""
         inst = live.inst
-        state.rules.validate(staging, inst.values, files)
+        if not validated:
+            state.rules.validate(staging, inst.values, files)
         digest = write_manifest(
             staging,
             files,
@@ -1843,7 +1869,7 @@ def _model(stage: StagePlan) -> str:
 
 def _feedback(attempts: list[AttemptRecord]) -> str:
     """Why the last attempt's output was rejected, for the next one to fix."""
-    if attempts and attempts[-1].cause in ("output-invalid", "confinement"):
+    if attempts and attempts[-1].cause in ("output-invalid", "review-rejected", "confinement"):
         return attempts[-1].message
     return ""
 
