@@ -28,6 +28,7 @@ from ._eventlog import EventLog
 from ._events import Event, EventHandler
 from ._ledger import open_ledger
 from ._pipeline import STATE_DIR, InstancePlan, Plan, StagePlan, load_pipeline, plan_pipeline
+from ._pomasa import RUNNER_CHOICES, import_project
 from ._results import RunResult
 from ._scaffold import write_starter
 from ._scheduler import RunHandle, check_runners, run_plan
@@ -526,6 +527,89 @@ def init(directory: str) -> None:
     for path in written:
         click.echo(f"wrote {path}")
     click.echo(f"next: phalanx run {Path(directory) / 'pipeline.yaml'}")
+
+
+@cli.command("import")
+@click.argument("project", type=click.Path(file_okay=False), default=".")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="The pipeline file to write (default: PROJECT/pipeline.yaml); it must sit in PROJECT.",
+)
+@click.option(
+    "--runner",
+    type=click.Choice(RUNNER_CHOICES),
+    default="claude-code",
+    show_default=True,
+    help="What runs each instance.",
+)
+@click.option("--model", help="The model the runner uses.")
+@click.option("--base-url", help="The runner's API endpoint (a local server, a proxy).")
+@click.option(
+    "--param",
+    "param_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A value of one of the orchestrator's global parameters (repeatable).",
+)
+@click.option(
+    "--review",
+    is_flag=True,
+    help="Hand the completion criteria no program can check to a reviewer agent that gates "
+    "each commit.",
+)
+@click.option("--force", is_flag=True, help="Replace the pipeline file if it exists.")
+def import_(
+    project: str,
+    output: str | None,
+    runner: str,
+    model: str | None,
+    base_url: str | None,
+    param_pairs: tuple[str, ...],
+    review: bool,
+    force: bool,
+) -> None:
+    """Write a pipeline.yaml for the POMASA project in PROJECT: its agents/ blueprints, its
+    references/ partition lists and its orchestrator's stages, run by phalanx.
+
+    What cannot be inferred is left as a value starting "TODO:"; `phalanx validate` lists each.
+    """
+    params: dict[str, str] = {}
+    for pair in param_pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            _fail(UsageError(f"--param {pair!r}: write NAME=VALUE, e.g. --param PERIOD=2025-09"))
+        params[name.strip()] = value
+    try:
+        result = import_project(
+            Path(project),
+            output=Path(output) if output else None,
+            runner=runner,
+            model=model,
+            base_url=base_url,
+            params=params,
+            review=review,
+            force=force,
+        )
+    except UsageError as exc:
+        _fail(exc)
+    table = Table(box=None, pad_edge=False)
+    for column in ("stage", "kind", "instances"):
+        table.add_column(column)
+    for name, kind, source in result.stages:
+        table.add_row(name, kind, source)
+    console = Console()
+    console.print(f"wrote {result.path}", soft_wrap=True)
+    console.print(table)
+    shown = Path(output) if output else Path(project) / "pipeline.yaml"
+    if result.todos:
+        console.print(f"{len(result.todos)} TODO(s) to resolve before it runs:")
+        for where, reason in result.todos:
+            console.print(f"  {where}: {reason}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"next: fill them in, then phalanx validate {shown}")
+    else:
+        console.print(f"next: phalanx plan {shown}, then phalanx run {shown}")
 
 
 @cli.command()
