@@ -20,7 +20,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from . import _inspect
+from . import _inspect, _mcp
 from ._api import resume_plan, run_options
 from ._config import Budget
 from ._errors import UsageError
@@ -607,9 +607,9 @@ def import_(
         console.print(f"{len(result.todos)} TODO(s) to resolve before it runs:")
         for where, reason in result.todos:
             console.print(f"  {where}: {reason}", markup=False, highlight=False, soft_wrap=True)
-        console.print(f"next: fill them in, then phalanx validate {shown}")
+        console.print(f"next: fill them in, then phalanx validate {shown}", soft_wrap=True)
     else:
-        console.print(f"next: phalanx plan {shown}, then phalanx run {shown}")
+        console.print(f"next: phalanx plan {shown}, then phalanx run {shown}", soft_wrap=True)
 
 
 @cli.command()
@@ -693,6 +693,7 @@ def loopback(
 
 
 _inspect.register(cli)
+_mcp.register(cli)
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ import json
 import re
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
 import yaml
 
 from phalanx import load_pipeline, plan_pipeline
@@ -47,7 +47,7 @@ NO_SOURCE = BlueprintModel(
 )
 
 
-def _model(bad_keys: frozenset[str] = frozenset()) -> object:
+def _model(bad_keys: frozenset[str] = frozenset()) -> Callable[[Conversation], Reply]:
     """The agents: every instance writes outputs that meet its blueprint's criteria, except
     the instances keyed in ``bad_keys``, whose activities cite no source."""
 
@@ -327,9 +327,3 @@ def test_import_refuses_to_overwrite_or_to_guess_a_project(make_project: Project
     nothing = empty.cli("import", ".")
     assert nothing.returncode == 2
     assert "no agents/ folder" in nothing.stderr
-
-
-@pytest.mark.parametrize("example", ["monthly-tracker", "industry-assessment"])
-def test_the_examples_have_no_pipeline_file(example: str) -> None:
-    """The examples are raw POMASA projects: their pipeline comes from ``phalanx import``."""
-    assert not (EXAMPLES / example / "pipeline.yaml").exists()
