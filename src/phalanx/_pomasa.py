@@ -248,13 +248,21 @@ def _blueprints(project: Path) -> tuple[Path | None, list[Path]]:
     orchestrators = [
         path
         for path in files
-        if "orchestrat" in path.stem.lower() or "编排" in path.stem or path.stem.startswith("00")
+        if "orchestrat" in path.stem.lower()
+        or "编排" in path.stem
+        or (path.stem.startswith("00") and _names_blueprints(path))
     ]
     orchestrator = orchestrators[0] if orchestrators else None
     agents = [path for path in files if path != orchestrator]
     if not agents:
         raise UsageError(f"{folder}: no agent blueprints (agents/NN.name.md) to import")
     return orchestrator, agents
+
+
+def _names_blueprints(path: Path) -> bool:
+    """Whether the file mentions a blueprint under ``agents/``: a ``00.`` file that does is the
+    orchestrator, one that does not is the first agent."""
+    return _BLUEPRINT_REF.search(path.read_text(encoding="utf-8", errors="replace")) is not None
 
 
 def _sections(doc: _Markdown) -> list[_Section]:
@@ -352,7 +360,8 @@ def _infer(stages: list[_Stage], project: Path, global_params: list[str]) -> lis
         refs = _REFERENCE_REF.findall(text) or (
             [] if previous is not None else _first_references(stage, project)
         )
-        if refs and not _SINGLE.search(text):
+        one_per_row = previous is None or (bool(refs) and _one_per_row(project, refs[0], own))
+        if refs and one_per_row and not _SINGLE.search(text):
             _map_stage(stage, project, refs[0], own, pipeline_params)
             if stage.rows is not None:
                 roots.append(stage)
@@ -368,6 +377,21 @@ def _infer(stages: list[_Stage], project: Path, global_params: list[str]) -> lis
         else:
             _grouped_stage(stage, previous, roots, own, title + "\n" + text)
     return pipeline_params
+
+
+def _one_per_row(project: Path, ref: str, own: list[str]) -> bool:
+    """Whether a later stage that names ``ref`` runs once per row of it: its ``..._ID``
+    parameter is a field whose values do not repeat. A feature synthesiser whose section
+    names the function list (where each feature appears on many rows) groups instead."""
+    rows = _read_rows(project, ref, [p.rsplit("_", 1)[0] for p in own if "_" in p])
+    if isinstance(rows, str):
+        return True  # the map stage will say what is wrong with the file
+    for param in own:
+        name = _field_for(param, rows) if param.endswith("_ID") else None
+        if name is not None:
+            values = [str(row.get(name)) for row in rows.rows]
+            return len(set(values)) == len(values)
+    return True
 
 
 def _first_references(stage: _Stage, project: Path) -> list[str]:
@@ -434,7 +458,7 @@ def _grouped_stage(
     bound = set(previous.params)
     if previous.kind == "group" and previous.group_by:
         bound |= {previous.group_by}
-    if previous.kind in ("map", "follow") and set(own) <= bound:
+    if set(own) <= bound:
         stage.kind = "follow"
         return
     root = roots[-1] if roots else None
@@ -508,7 +532,7 @@ def _stage_lines(stage: _Stage, project: Path, review: bool) -> list[str]:
     lines = [
         f"  # {stage.rel}: {bp.name} (orchestrator: {title})",
         f"  - name: {stage.name}",
-        f"    blueprint: {stage.rel}",
+        f"    blueprint: {_q(stage.rel)}",
     ]
     if stage.needs:
         lines.append(f"    needs: [{', '.join(stage.needs)}]")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import yaml
 
 from phalanx import load_pipeline, plan_pipeline
@@ -327,3 +328,70 @@ def test_import_refuses_to_overwrite_or_to_guess_a_project(make_project: Project
     nothing = empty.cli("import", ".")
     assert nothing.returncode == 2
     assert "no agents/ folder" in nothing.stderr
+
+
+def _agent(title: str, *params: str, output: str) -> str:
+    listed = "\n".join(f"- `{{{name}}}`: {name.lower()}" for name in params)
+    return (
+        f"# {title}\n\n## Input Parameters\n\n{listed}\n\n## Output Location\n\n`{output}`\n\n"
+        "**Output Format**:\n\n```\nout/\n└── out.json\n```\n"
+    )
+
+
+ORCHESTRATOR = """\
+# Orchestrator
+
+## Stage 1: collect
+
+Launch `agents/00.collect.md` for each item of `references/items.json`, all at once.
+
+## Stage 2: shelve
+
+Read `references/items.json`, then launch `agents/01.shelve.md` once per shelf.
+
+## Stage 3: label
+
+Launch `agents/02.label.md` for each shelf.
+
+## Stage 4: total
+
+Launch `agents/03.total.md`.
+"""
+
+
+@pytest.mark.parametrize("orchestrated", [False, True])
+def test_later_stages_group_or_follow_by_their_parameters(
+    make_project: ProjectFactory, orchestrated: bool
+) -> None:
+    """A stage whose blueprint takes the shelf id (a field that repeats across the item rows)
+    groups the items by it, a stage taking only that id again follows the groups one to one,
+    and a stage with no parameter of its own is single. Without an orchestrator,
+    ``00.collect.md`` names no blueprint, so it is the first agent; with one, stage 2's section
+    names the item list, and since its id repeats across the rows it still groups rather than
+    mapping over them."""
+    rows = [{"item_id": f"i{n}", "shelf_id": f"s{n % 2}"} for n in range(6)]
+    project = _project(
+        make_project,
+        {
+            "agents/00.collect.md": _agent("Collect", "ITEM_ID", output="data/items/{ITEM_ID}/"),
+            "agents/01.shelve.md": _agent("Shelve", "SHELF_ID", output="data/shelves/{SHELF_ID}/")
+            + "\nRead `references/items.json` for the items of {SHELF_ID}.\n",
+            "agents/02.label.md": _agent("Label", "SHELF_ID", output="data/labels/{SHELF_ID}/"),
+            "agents/03.total.md": _agent("Total", output="data/total/"),
+            "references/items.json": json.dumps({"items": rows}),
+            **({"agents/orchestrator.md": ORCHESTRATOR} if orchestrated else {}),
+        },
+        f"variants-{orchestrated}",
+    )
+
+    imported = project.cli("import", ".", "--runner", "openai", "--model", "m")
+
+    assert imported.returncode == 0, imported.stderr
+    plan = plan_pipeline(load_pipeline(project.pipeline))
+    assert [(s.name, s.kind, len(s.instances)) for s in plan.stages] == [
+        ("collect", "map", 6),
+        ("shelve", "group", 2),
+        ("label", "follow", 2),
+        ("total", "single", 1),
+    ]
+    assert [ref.key for ref in plan.stages[1].instances[0].inputs] == ["i0", "i2", "i4"]
