@@ -28,6 +28,7 @@ from ._pipeline import ReviewPlan
 from ._templates import stringify
 from ._usage import Usage
 from .runners import InputRef, InstanceContext, Runner
+from .runners._base import Gate
 
 __all__ = ["VERDICT", "Reviewer", "review_prompt"]
 
@@ -75,9 +76,13 @@ class Reviewer:
         self.stage = stage
         self.workspace = workspace  # the reviewers' folders: one per attempt under review
 
-    async def judge(self, ctx: InstanceContext, reviewed: Path, io: _Io) -> Usage:
-        """Review the staging folder ``reviewed`` of attempt ``ctx``; return what the review
-        spent. Raises :class:`ReviewRejected` or :class:`ReviewFailed`."""
+    async def judge(
+        self, ctx: InstanceContext, reviewed: Path, io: _Io, gate: Gate | None = None
+    ) -> None:
+        """Review the staging folder ``reviewed`` of attempt ``ctx``, whose usage grows by what
+        the review spends (whatever the verdict). The reviewer's calls go through ``gate``
+        (the stage's lane, when it calls the same provider). Raises :class:`ReviewRejected`
+        or :class:`ReviewFailed`."""
         folder = self.workspace / f"{ctx.key}.{ctx.attempt}"
         await io(_fresh, folder)
         values = dict(ctx.params)
@@ -95,6 +100,7 @@ class Reviewer:
             expected=(VERDICT,),
             feedback="",
             usage=Usage(),
+            gate=gate if gate is not None else ctx.gate,
         )
         before = await io(snapshot, [reviewed])
         try:
@@ -111,12 +117,12 @@ class Reviewer:
                 raise ReviewFailed("the reviewer changed the files it was reviewing")
             verdict = await io(_read_verdict, folder, review.log_dir)
         finally:
-            await io(shutil.rmtree, folder, True)
+            ctx.usage.add(review.usage)
+            shutil.rmtree(folder, ignore_errors=True)  # a verdict and little else; even cancelled
         passed, reasons = verdict
         if not passed:
             shown = "; ".join(reasons) if reasons else "no reason given"
             raise ReviewRejected(f"the reviewer rejected the output: {shown}")
-        return review.usage
 
 
 def _fresh(folder: Path) -> None:

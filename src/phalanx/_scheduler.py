@@ -1525,7 +1525,11 @@ class _Run:
             commit = (state, live, attempt, staging, files)
             if state.reviewer is not None:  # validate, review, then commit what was reviewed
                 await self._io(state.rules.validate, staging, inst.values, files)
-                ctx.usage.add(await state.reviewer.judge(ctx, staging, self._io))
+                same_lane = (
+                    state.lane is not None and state.reviewer.runner.lane == state.runner.lane
+                )
+                gate = state.lane.gate() if same_lane and state.lane is not None else None
+                await state.reviewer.judge(ctx, staging, self._io, gate)
                 await _to_the_end(self._io(self._validate_and_commit, *commit, True), committed)
             elif state.rules.cheap(files):
                 self._validate_and_commit(*commit)

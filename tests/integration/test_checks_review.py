@@ -262,7 +262,7 @@ def test_an_llm_reviewer_reads_the_outputs_through_its_tools(
 ) -> None:
     """The default reviewer prompt works for an API runner: the model finds the reviewed files
     under ``inputs/STAGE/KEY``, reads them with ``read_file`` and writes ``verdict.json``; its
-    tokens count in the attempt's usage."""
+    tokens count in the attempt's usage, whether the verdict passes or not."""
     with LoopbackLLM(models={"reviewer": _llm_reviewer}).running_in_thread() as server:
         project = make_project(
             make_project.one_stage(
@@ -286,9 +286,10 @@ def test_an_llm_reviewer_reads_the_outputs_through_its_tools(
     assert by_key["good"].status == "committed"
     assert by_key["bad"].status == "failed"
     assert by_key["bad"].attempts[-1].cause == "review-rejected"
-    usage = by_key["good"].attempts[-1].usage
-    assert usage is not None
-    assert usage.input_tokens > 0
+    for key in ("good", "bad"):  # a rejecting review's tokens count too
+        usage = by_key[key].attempts[-1].usage
+        assert usage is not None
+        assert usage.input_tokens > 0
 
 
 def test_todo_values_are_named_by_validate(make_project: ProjectFactory) -> None:
