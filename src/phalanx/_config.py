@@ -369,8 +369,8 @@ class ReviewConfig(_Model):
     blueprint: str | None = None
     """The reviewer's own prompt template; default: phalanx's. It may use the instance's
     parameters, ``{CRITERIA}`` (the list) and ``{REVIEWED_DIR}`` (the folder to review)."""
-    timeout: Timeout | None = None
-    """Seconds the review may take; default: the stage's timeout."""
+    timeout: Duration | None = None
+    """How long the review may take (``5m``); default: the stage's timeout in seconds."""
 
     @field_validator("runner", mode="before")
     @classmethod

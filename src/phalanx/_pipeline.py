@@ -660,7 +660,7 @@ class _Planner:
         if review.blueprint is not None:
             path = self._inside(review.blueprint, i, "review", "blueprint")
             blueprint = load_blueprint(path, display_path=review.blueprint)
-        seconds = timeout if review.timeout is None else _timeout(review.timeout, timeout)[0]
+        seconds = timeout if review.timeout is None else review.timeout
         return ReviewPlan(tuple(review.criteria), reviewer, blueprint, seconds)
 
     def _blueprint(self, i: int, stage: StageConfig) -> Blueprint | None:

@@ -142,6 +142,9 @@ if mode == "tamper":
     pathlib.Path(reviewed["path"], "report.md").write_text("rewritten by the reviewer")
 if mode == "silent":
     sys.exit(0)
+if mode == "slow":
+    import time
+    time.sleep(60)
 if mode == "crash":
     print("reviewer blew up", file=sys.stderr)
     sys.exit(4)
@@ -169,7 +172,9 @@ def _reviewed(
                     "type": "command",
                     "argv": [sys.executable, "{PROJECT_DIR}/reviewer.py"],
                     "env": {"REVIEWER_MODE": mode},
+                    "kill_grace": "100ms",
                 },
+                **({"timeout": "1s"} if mode == "slow" else {}),
             },
         ),
         {"agents.py": AGENTS, "reviewer.py": REVIEWER},
@@ -208,12 +213,14 @@ def test_a_rejecting_verdict_stops_the_commit(make_project: ProjectFactory) -> N
         ("tamper", "the reviewer changed the files it was reviewing"),
         ("silent", "the reviewer wrote no verdict.json"),
         ("crash", "the reviewer failed: "),
+        ("slow", "the reviewer ran past its timeout of 1s and was stopped"),
     ],
 )
 def test_a_reviewer_without_a_verdict_fails_the_attempt(
     make_project: ProjectFactory, mode: str, message: str
 ) -> None:
-    """A reviewer that changes what it reviews, writes no verdict or fails: the attempt fails
+    """A reviewer that changes what it reviews, writes no verdict, fails or outlives its own
+    timeout (the 60 s sleeper is stopped after 1 s; the test's bound is pytest's): the attempt fails
     with cause ``review-failed`` and nothing is committed, even for an output it would pass."""
     project = _reviewed(make_project, ["good"], mode=mode)
 
