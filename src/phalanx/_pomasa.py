@@ -42,6 +42,7 @@ from ._blueprint import _PARAM_ITEM, Blueprint, _Markdown, _normalize_title, loa
 from ._errors import BlueprintError, UsageError
 from ._partitions import validate_key
 from ._pipeline import TODO_MARK
+from ._templates import prompt_placeholders
 
 __all__ = ["Criteria", "ImportResult", "criteria_checks", "import_project"]
 
@@ -101,6 +102,7 @@ _COUNT = re.compile(
     r"(?:条|个|项|份|entries|entry|items?|records?|elements?|rows?)",
     re.IGNORECASE,
 )
+_FIELD_NAME = re.compile(r"[A-Za-z_$@][\w$@-]*(?:\[\])?(?:\.[A-Za-z_$@][\w$@-]*(?:\[\])?)*")
 _FIELD_WORD = re.compile(r"字段|属性|键|fields?\b|keys?\b|propert(?:y|ies)", re.IGNORECASE)
 _EACH = re.compile(r"每条|每个|每一|each|every|all (?:items|entries|records)", re.IGNORECASE)
 _CONTAINS = re.compile(r"包含|含有|contains?|includes?|mentions?", re.IGNORECASE)
@@ -132,6 +134,7 @@ def criteria_checks(blueprint: Blueprint, project_dir: Path) -> Criteria:
         files = [tick for tick in ticks if _output_named(tick, outputs)]
         file = _output_named(files[0], outputs) if files else None
         others = [tick for tick in ticks if tick not in files]
+        names = [tick for tick in others if _FIELD_NAME.fullmatch(tick)]  # JSON field names
         checks: list[dict[str, object]] = []
         if _OWN_FOLDER.search(item):
             result.enforced.append(item)
@@ -139,14 +142,15 @@ def criteria_checks(blueprint: Blueprint, project_dir: Path) -> Criteria:
         schema = next(
             (t for t in others if t.endswith(".json") and (project_dir / t).is_file()), None
         )
-        if schema and file and file.endswith(".json") and _SCHEMA.search(item):
+        by_schema = bool(schema and file and file.endswith(".json") and _SCHEMA.search(item))
+        if by_schema and schema and file:
             result.schemas[file] = schema
             others.remove(schema)
         if words := _WORDS.search(item):
             if file and not file.endswith(".json"):
                 checks.append({"file": file, "min_words": int(words.group(1))})
         elif count := _COUNT.search(item):
-            name = others[0] if others else None
+            name = names[0] if names else None
             where = file or (name and (lists.get(name) or _only(json_outputs)))
             if where and where.endswith(".json"):
                 check: dict[str, object] = {"file": where, "min_items": int(count.group(1))}
@@ -154,20 +158,26 @@ def criteria_checks(blueprint: Blueprint, project_dir: Path) -> Criteria:
                     check["field"] = name
                     lists[name] = where
                 checks.append(check)
-        elif others and _FIELD_WORD.search(item):
-            each = others[0] if _EACH.search(item) and len(others) > 1 else None
+        elif names and names == others and _FIELD_WORD.search(item):
+            each = names[0] if _EACH.search(item) and len(names) > 1 else None
             where = file or (each and lists.get(each)) or _only(json_outputs)
             if where and where.endswith(".json"):
-                for name in others:
+                for name in names:
                     if name != each:
                         path = f"{each}[].{name}" if each else name
                         checks.append({"file": where, "field": path})
                         lists.setdefault(name, where)
-        elif others and file and not file.endswith(".json") and _CONTAINS.search(item):
+        elif (
+            others
+            and file
+            and not file.endswith(".json")
+            and _CONTAINS.search(item)
+            and not prompt_placeholders(others[0])  # a literal, not a value per instance
+        ):
             checks.append({"file": file, "contains": others[0]})
         if checks:
             result.checks += [{**check, "criterion": item} for check in checks]
-        elif file and (_VALID_JSON.search(item) or _EXISTS.search(item) or file in result.schemas):
+        elif file and (_VALID_JSON.search(item) or _EXISTS.search(item) or by_schema):
             result.enforced.append(item)
         else:
             result.review.append(item)
@@ -191,7 +201,7 @@ def _only(names: Sequence[str]) -> str | None:
 
 @dataclass
 class _Rows:
-    """A reference file's rows: where they are (``list``) and their fields."""
+    """A reference file's rows: the list that holds them (``list_name``) and their fields."""
 
     path: str
     list_name: str | None

@@ -68,8 +68,9 @@ def test_unambiguous_items_become_checks(tmp_path: Path) -> None:
 
 def test_schemas_and_guarantees_and_judgement(tmp_path: Path) -> None:
     """A schema file that exists becomes the expected file's schema; valid JSON, a file that
-    exists and writing only the own folder are phalanx's own guarantees; judgement calls, and
-    items whose file or field is not named in backticks, go to the reviewer."""
+    exists and writing only the own folder are phalanx's own guarantees; judgement calls, items
+    whose file or field is not named in backticks, text that differs per instance and field
+    paths a check cannot follow go to the reviewer."""
     (tmp_path / "schemas").mkdir()
     (tmp_path / "schemas" / "result.schema.json").write_text("{}", encoding="utf-8")
     checks, schemas, enforced, review = _sorted(
@@ -81,6 +82,8 @@ def test_schemas_and_guarantees_and_judgement(tmp_path: Path) -> None:
         "结论有充分依据",
         "The notes are written for a general reader",
         "至少3条记录",
+        "`notes.md` contains `{ITEM_NAME}`",
+        "`result.json` 包含 `items[0]` 字段",
     )
     assert checks == []
     assert schemas == {"result.json": "schemas/result.schema.json"}
@@ -94,4 +97,6 @@ def test_schemas_and_guarantees_and_judgement(tmp_path: Path) -> None:
         "结论有充分依据",
         "The notes are written for a general reader",
         "至少3条记录",
+        "`notes.md` contains `{ITEM_NAME}`",
+        "`result.json` 包含 `items[0]` 字段",
     ]
