@@ -36,6 +36,7 @@ from phalanx.testing import (
     ToolCall,
     ToolResult,
 )
+from phalanx.testing._models import _working_directory
 
 SECRET = "sk-ant-test-do-not-leak-0123456789"  # noqa: S105 - a fake key the tests hunt for
 REPO = Path(__file__).resolve().parents[2]
@@ -577,3 +578,54 @@ def test_a_stream_cut_in_the_middle_loses_nothing(tmp_path: Path, claude: str) -
     stage = result.stage("research")
     assert (stage.committed, stage.failed) == (2, 0), result.to_json()
     assert server.counters.faults == 1
+
+
+def test_a_claude_code_reviewer_reads_the_outputs_and_gates_the_commit(
+    tmp_path: Path, claude: str
+) -> None:
+    """``review:`` on a claude-code stage (what ``phalanx import --review`` writes for a POMASA
+    project) reviews with the real CLI too: the reviewer reads the attempt's outputs from the
+    folder its prompt names (granted read-only), writes ``verdict.json`` with its Write tool in
+    a folder of its own, and only the output it passes commits."""
+    project = tmp_path / "project"
+    writer = BlueprintModel()
+    read: dict[str, str] = {}
+
+    def model(conversation: Conversation) -> Reply | str:
+        task = conversation.first_user_text
+        if "You review the output of instance" not in task:
+            return writer(conversation)
+        key = task.split("You review the output of instance `", 1)[1].split("`", 1)[0]
+        folder = task.split("(on disk: ", 1)[1].split(")", 1)[0]
+        if conversation.assistant_turns == 0:
+            return Reply("Reading.", (ToolCall("Read", {"file_path": f"{folder}/sources.md"}),))
+        if conversation.assistant_turns == 1:
+            read[key] = conversation.tool_results[-1].content
+            workdir = _working_directory(conversation)
+            assert workdir is not None, "Claude Code names its working directory"
+            verdict = {"pass": key == "org_a", "reasons": [f"{key}: sources not cited"]}
+            target = f"{workdir}/verdict.json"
+            return Reply(
+                "Judged.",
+                (ToolCall("Write", {"file_path": target, "content": json.dumps(verdict)}),),
+            )
+        return "Done."
+
+    with LoopbackLLM(default_model=model).running_in_thread() as server:
+        stages = research_stage("ab") + "  review: {criteria: [Every source is cited]}\n"
+        pipeline = write_project(
+            project, claude, server.url, stages, defaults="retries: 0\ntimeout: 60s\n"
+        )
+        result = run(pipeline)
+
+    stage = result.stage("research")
+    by_key = {inst.key: inst for inst in stage.instances}
+    assert by_key["org_a"].status == "committed", result.to_json()
+    assert by_key["org_b"].status == "failed"
+    assert by_key["org_b"].attempts[-1].cause == "review-rejected"
+    assert "org_b: sources not cited" in (by_key["org_b"].attempts[-1].message or "")
+    assert sorted(read) == ["org_a", "org_b"]
+    assert all(text.strip() and "permission" not in text.lower() for text in read.values())
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["org_a"]
+    verdict = project.glob(".phalanx/runs/*/logs/research/org_b/attempt-1/review/verdict.json")
+    assert json.loads(next(verdict).read_text())["pass"] is False
