@@ -39,30 +39,45 @@ def count_words(text: str) -> int:
     return len(_WORD.findall(text))
 
 
-def check_problems(root: Path, name: str, check: CheckSpec) -> list[str]:
-    """What is wrong with file ``name`` (relative to ``root``) under ``check``: one line per
-    failed condition, quoting the criterion; empty when it holds."""
-    because = f" (criterion: {check.criterion})" if check.criterion else ""
+def check_problems(root: Path, name: str, checks: Sequence[CheckSpec]) -> list[str]:
+    """What is wrong with file ``name`` (relative to ``root``) under ``checks``: one line per
+    failed condition, quoting its check's criterion; empty when all hold. The file is read,
+    and parsed as JSON, once; a top-level field found missing is said once, not again by
+    each later check under it."""
+    criteria = [check.criterion for check in checks if check.criterion]
+    said = f" (criterion: {'; '.join(dict.fromkeys(criteria))})" if criteria else ""
     try:
         data = (root / name).read_bytes()
     except FileNotFoundError:
-        return [f"{name}: missing{because}"]
+        return [f"{name}: missing{said}"]
     except OSError as exc:
-        return [f"{name}: cannot be read ({exc.strerror}){because}"]
+        return [f"{name}: cannot be read ({exc.strerror}){said}"]
+    document: object = _MISSING
+    gone: set[str] = set()  # top-level fields found missing
     problems: list[str] = []
-    if check.field is not None or check.min_items is not None:
-        try:
-            document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return [f"{name}: not valid JSON ({exc}){because}"]
-        problems += _json_problems(document, check)
-    if check.contains is not None or check.min_words is not None:
-        text = data.decode("utf-8", "replace")
-        if check.contains is not None and check.contains not in text:
-            problems.append(f"does not contain {check.contains!r}")
-        if check.min_words is not None and (words := count_words(text)) < check.min_words:
-            problems.append(f"has {words} words, fewer than {check.min_words}")
-    return [f"{name}: {problem}{because}" for problem in problems]
+    for check in checks:
+        because = f" (criterion: {check.criterion})" if check.criterion else ""
+        found: list[str] = []
+        if check.field is not None or check.min_items is not None:
+            if document is _MISSING:
+                try:
+                    document = json.loads(data)
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    return [f"{name}: not valid JSON ({exc}){said}"]
+            top = _steps(check.field)[0] if check.field is not None else None
+            if top in gone:
+                continue
+            found += _json_problems(document, check)
+            if top is not None and not (isinstance(document, Mapping) and top in document):
+                gone.add(top)
+        if check.contains is not None or check.min_words is not None:
+            text = data.decode("utf-8", "replace")
+            if check.contains is not None and check.contains not in text:
+                found.append(f"does not contain {check.contains!r}")
+            if check.min_words is not None and (words := count_words(text)) < check.min_words:
+                found.append(f"has {words} words, fewer than {check.min_words}")
+        problems += [f"{name}: {problem}{because}" for problem in found]
+    return problems
 
 
 def _json_problems(document: object, check: CheckSpec) -> list[str]:

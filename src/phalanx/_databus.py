@@ -130,14 +130,15 @@ class OutputRules:
         for name in sorted(files):
             if name.endswith(".json") and name not in checked:
                 problems.extend(_load_json(root, name, files)[1])
+        by_file: dict[str, list[CheckSpec]] = {}
         for spec in self.checks:
             try:
-                name = expected_name(spec.file, values)
+                by_file.setdefault(expected_name(spec.file, values), []).append(spec)
             except (ValueError, TemplateKeyError) as exc:
                 problems.append(f"check of {spec.file!r}: {exc}")
-                continue
+        for name, specs in by_file.items():
             if name in files or name not in checked:  # a missing expected file: said above
-                problems.extend(check_problems(staging, name, spec))
+                problems.extend(check_problems(staging, name, specs))
         if problems:
             shown = problems[:_MAX_PROBLEMS]
             more = len(problems) - len(shown)

@@ -110,6 +110,8 @@ def test_checks_fail_outputs_that_miss_their_criterion(make_project: ProjectFact
         assert message in (failed[key].message or ""), (key, failed[key].message)
     # "too-few" also misses nothing else, so its message holds that one problem only
     assert (failed["too-few"].message or "").count("criterion") == 1
+    # with no "activities" at all, the three checks under it say so once
+    assert (failed["no-field"].message or "").count("is missing") == 1
 
 
 def test_checks_are_checked_when_the_pipeline_loads(make_project: ProjectFactory) -> None:
