@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn
 
 import click
 from pydantic import Field
@@ -44,7 +44,7 @@ from ._errors import PhalanxError, UsageError
 from ._inspect import _failure_groups, _iso, _round, _run, _stage_lines, _StageLine, _wall_s
 from ._ledger import LEDGER_FILE, AttemptRow, InstanceRow, Ledger, RunRow, open_ledger
 from ._pipeline import STATE_DIR, Plan, StagePlan, load_pipeline, plan_pipeline
-from ._pomasa import import_project
+from ._pomasa import RunnerChoice, import_project
 from ._scheduler import check_runners, new_run_id
 from ._usage import Usage
 from .backends import backend_names
@@ -928,7 +928,7 @@ def build_server(service: _Service) -> MCPServer[Any]:
             ),
         ],
         runner: Annotated[
-            Literal["claude-code", "anthropic", "openai", "command"],
+            RunnerChoice,
             Field(description="What runs each instance."),
         ] = "claude-code",
         model: Annotated[str | None, Field(description="The model the runner uses.")] = None,

@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -46,7 +46,8 @@ from ._templates import prompt_placeholders
 
 __all__ = ["Criteria", "ImportResult", "criteria_checks", "import_project"]
 
-RUNNER_CHOICES = ("claude-code", "anthropic", "openai", "command")
+RunnerChoice = Literal["claude-code", "anthropic", "openai", "command"]
+RUNNER_CHOICES: tuple[str, ...] = get_args(RunnerChoice)
 
 _BLUEPRINT_NAME = re.compile(r"(?P<number>\d+)[._-](?P<stem>.+)\.md\Z")
 _BLUEPRINT_REF = re.compile(r"agents/[\w.\-]+\.md")
@@ -239,7 +240,6 @@ class _Stage:
     group_by: str | None = None
     needs: list[str] = field(default_factory=list)
     todo: dict[str, str] = field(default_factory=dict)  # field -> reason
-    notes: list[str] = field(default_factory=list)
 
 
 def _norm(text: str) -> str:
@@ -370,9 +370,10 @@ def _infer(stages: list[_Stage], project: Path, global_params: list[str]) -> lis
         refs = _REFERENCE_REF.findall(text) or (
             [] if previous is not None else _first_references(stage, project)
         )
-        one_per_row = previous is None or (bool(refs) and _one_per_row(project, refs[0], own))
-        if refs and one_per_row and not _SINGLE.search(text):
-            _map_stage(stage, project, refs[0], own, pipeline_params)
+        rows = _read_rows(project, refs[0], _entities(own)) if refs else None
+        one_per_row = previous is None or (rows is not None and _one_per_row(rows, own))
+        if refs and rows is not None and one_per_row and not _SINGLE.search(text):
+            _map_stage(stage, refs[0], rows, own, pipeline_params)
             if stage.rows is not None:
                 roots.append(stage)
         elif previous is None:
@@ -389,11 +390,15 @@ def _infer(stages: list[_Stage], project: Path, global_params: list[str]) -> lis
     return pipeline_params
 
 
-def _one_per_row(project: Path, ref: str, own: list[str]) -> bool:
-    """Whether a later stage that names ``ref`` runs once per row of it: its ``..._ID``
-    parameter is a field whose values do not repeat. A feature synthesiser whose section
-    names the function list (where each feature appears on many rows) groups instead."""
-    rows = _read_rows(project, ref, [p.rsplit("_", 1)[0] for p in own if "_" in p])
+def _entities(params: list[str]) -> list[str]:
+    """``ORGANIZATION_ID`` -> ``ORGANIZATION``: what the parameters' rows may be called."""
+    return [p.rsplit("_", 1)[0] for p in params if "_" in p]
+
+
+def _one_per_row(rows: _Rows | str, own: list[str]) -> bool:
+    """Whether a later stage that names a reference file runs once per row of it: its
+    ``..._ID`` parameter is a field whose values do not repeat. A feature synthesiser whose
+    section names the function list (each feature on many rows) groups instead."""
     if isinstance(rows, str):
         return True  # the map stage will say what is wrong with the file
     for param in own:
@@ -424,11 +429,10 @@ def _first_references(stage: _Stage, project: Path) -> list[str]:
 
 
 def _map_stage(
-    stage: _Stage, project: Path, ref: str, own: list[str], pipeline_params: list[str]
+    stage: _Stage, ref: str, rows: _Rows | str, own: list[str], pipeline_params: list[str]
 ) -> None:
+    """A map over the rows of reference file ``ref`` (or why they cannot be used)."""
     stage.kind = "map"
-    entities = [p.rsplit("_", 1)[0] for p in own if "_" in p]
-    rows = _read_rows(project, ref, entities)
     if isinstance(rows, str):
         stage.todo["partitions"] = f"{rows}; say which rows are the partitions"
         return

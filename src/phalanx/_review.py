@@ -70,10 +70,9 @@ def review_prompt(
 class Reviewer:
     """Judges the attempts of one stage: :meth:`judge` returns when the verdict is a pass."""
 
-    def __init__(self, plan: ReviewPlan, runner: Runner, stage: str, workspace: Path) -> None:
+    def __init__(self, plan: ReviewPlan, runner: Runner, workspace: Path) -> None:
         self.plan = plan
         self.runner = runner
-        self.stage = stage
         self.workspace = workspace  # the reviewers' folders: one per attempt under review
 
     async def judge(

@@ -544,7 +544,7 @@ class _Run:
             prices=self.plan.pipeline.config.prices,
             clients=self.clients,
         )
-        return Reviewer(stage.review, runner, stage.name, self.bus.review_dir(stage.name))
+        return Reviewer(stage.review, runner, self.bus.review_dir(stage.name))
 
     def _lane_changed(self, change: LaneChange) -> None:
         if change.reason == "pause":
@@ -1525,10 +1525,8 @@ class _Run:
             commit = (state, live, attempt, staging, files)
             if state.reviewer is not None:  # validate, review, then commit what was reviewed
                 await self._io(state.rules.validate, staging, inst.values, files)
-                same_lane = (
-                    state.lane is not None and state.reviewer.runner.lane == state.runner.lane
-                )
-                gate = state.lane.gate() if same_lane and state.lane is not None else None
+                lane = state.lane if state.reviewer.runner.lane == state.runner.lane else None
+                gate = lane.gate() if lane is not None else None
                 await state.reviewer.judge(ctx, staging, self._io, gate)
                 await _to_the_end(self._io(self._validate_and_commit, *commit, True), committed)
             elif state.rules.cheap(files):
